@@ -1,0 +1,133 @@
+"""Command line: ``python -m single_stage_detector {train,demo,evaluate,benchmark,make-synthetic-dataset}``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, add_arguments, config_from_args
+
+# The CPU demo: the small preset on the embedded synthetic dataset (division open).
+DEMO_DEFAULTS = {
+    "preset": "ssd_tiny",
+    "data_dir": "data/synthetic",
+    "synthetic": True,
+    "output_dir": "output/demo",
+    "batch_size": 32,
+    "eval_batch_size": 64,
+    "lr": 0.05,
+    "warmup_steps": 100,
+    "weight_decay": 5e-4,
+    "lr_decay_epochs": (8, 10),
+    "epochs": 12,
+    "eval_every": 1,
+    "eval_start": 2,
+    "num_workers": 2,
+    "log_every": 20,
+    "seed": 1,
+}
+
+
+def _print_summary(result) -> None:
+    minutes = result.time_to_train_s / 60.0
+    lines = [
+        "",
+        "=" * 64,
+        f"status            {result.status}",
+        f"time to train     {result.time_to_train_s:.1f} s ({minutes:.2f} min, run_start -> run_stop)",
+        f"final mAP         {result.ap:.4f} (COCO AP@[.5:.95])",
+        f"epochs            {result.epochs}",
+        f"devices           {result.world_size} x {result.device}",
+        f"MLPerf log        {result.log_file}",
+        f"output folder     {result.output_dir} (config.json, metrics.jsonl, result.json, checkpoint.pt)",
+    ]
+    if result.skipped_samples:
+        lines.append(f"skipped samples   {result.skipped_samples} (unreadable images; see warnings above)")
+    dropped = result.dataset_stats.get("boxes_dropped_degenerate", 0)
+    if dropped:
+        lines.append(f"dropped boxes     {dropped} (zero or negative size)")
+    lines.append("=" * 64)
+    print("\n".join(lines), flush=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_training
+
+    cfg = config_from_args(args)
+    result = run_training(cfg)
+    if result.rank == 0:
+        _print_summary(result)
+    return 0 if result.status == "success" else 3
+
+
+def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from .data.synthetic import ensure_synthetic_coco
+
+    summary = ensure_synthetic_coco(args.root, num_train=args.train_images, num_val=args.val_images, seed=args.seed)
+    print(summary)
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m single_stage_detector", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train to the target quality and write an MLPerf log",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="CPU demo: small SSD on the embedded synthetic dataset (same flags as train)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p, DEMO_DEFAULTS)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("make-synthetic-dataset", help="write the embedded synthetic dataset in COCO layout")
+    p.add_argument("root", help="output folder (gets train2017/, val2017/, annotations/)")
+    p.add_argument("--train-images", type=int, default=DEMO_DEFAULTS_TRAIN_IMAGES)
+    p.add_argument("--val-images", type=int, default=DEMO_DEFAULTS_VAL_IMAGES)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_synthetic)
+
+    from .benchmark import add_benchmark_arguments
+
+    p = sub.add_parser("benchmark", help="images/s of training steps, evaluation and the data pipeline",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_benchmark_arguments(p)
+    p.set_defaults(func=_cmd_benchmark)
+    return parser
+
+
+DEMO_DEFAULTS_TRAIN_IMAGES = 2000
+DEMO_DEFAULTS_VAL_IMAGES = 250
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .data.coco import DatasetError
+    from .losses import NonFiniteLossError
+    from .models.backbone_weights import BackboneWeightsError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, BackboneWeightsError) as e:
+        # Bad input: one clear line naming the file or flag, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""``python -m single_stage_detector benchmark``: images/s of training steps, inference and the input pipeline.
+
+Each part is timed on its own so that a slow part is easy to spot: ``train`` and
+``eval`` feed the model random images with realistic targets (no data loading);
+``data`` runs the training input pipeline alone (decode, augmentation, collation).
+Figures are medians over timed iterations after warm-up iterations.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+__all__ = ["add_benchmark_arguments", "run_benchmark"]
+
+
+def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="ssd300_resnet34", help="model preset")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32 on CUDA, 8 on CPU)")
+    p.add_argument("--parts", nargs="+", default=["train", "eval", "data"], choices=["train", "eval", "data"])
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", help="auto | off | bf16 | fp16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--data-dir", default="data/synthetic",
+                   help="dataset for the data part (the synthetic one is generated if missing)")
+    p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--max-samples", type=int, default=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random_targets(batch: int, gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    boxes, labels = [], []
+    for _ in range(batch):
+        n = int(torch.randint(1, 8, (1,), generator=gen))
+        xy = torch.rand(n, 2, generator=gen) * 0.6
+        wh = 0.05 + torch.rand(n, 2, generator=gen) * 0.35
+        boxes.append(torch.cat([xy, xy + wh], dim=1))
+        labels.append(torch.randint(1, 81, (n,), generator=gen))
+    return boxes, labels
+
+
+def _time(fn, warmup: int, iters: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_benchmark(args: argparse.Namespace) -> list[dict]:
+    from .detector import SSDDetector
+    from .distributed import select_device
+    from .engine import AmpSettings
+    from .models import build_model, get_preset
+
+    device = select_device(args.device)
+    preset = get_preset(args.preset)
+    batch = args.batch_size or (32 if device.type == "cuda" else 8)
+    amp = AmpSettings.resolve(args.amp, device)
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    rows: list[dict] = []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    amp_name = str(amp.dtype).replace("torch.", "") if amp.enabled else "fp32"
+    print(f"device: {name}; preset {preset.name} (input {preset.input_size}); batch {batch}; "
+          f"precision {amp_name}; channels_last {channels_last}; torch {torch.__version__}", flush=True)
+
+    detector = None
+    if "train" in args.parts or "eval" in args.parts:
+        detector = SSDDetector(build_model(preset), preset.box_spec).to(device)
+        if channels_last:
+            detector = detector.to(memory_format=fmt)
+        images = torch.randn(batch, 3, preset.input_size, preset.input_size, device=device).to(memory_format=fmt)
+
+    if "train" in args.parts:
+        opt = torch.optim.SGD(detector.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+        boxes, labels = _random_targets(batch, gen)
+        boxes = [b.to(device) for b in boxes]
+        labels = [lb.to(device) for lb in labels]
+        scaler = torch.amp.GradScaler(device.type) if amp.needs_scaler else None
+        detector.train()
+
+        def train_step() -> None:
+            with amp.autocast():
+                losses = detector(images, {"boxes": boxes, "labels": labels})
+            loss = sum(losses.values())
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t = _time(train_step, args.warmup, args.iters, device)
+        rows.append({"part": "train step (fwd+loss+bwd+SGD)", "batch": batch, "median_s": statistics.median(t)})
+
+    if "eval" in args.parts:
+        detector.eval()
+
+        @torch.no_grad()
+        def eval_step() -> None:
+            with amp.autocast():
+                detector(images)
+
+        t = _time(eval_step, args.warmup, args.iters, device)
+        rows.append({"part": "inference (fwd+decode+NMS)", "batch": batch, "median_s": statistics.median(t)})
+
+    if "data" in args.parts:
+        from .data.coco import CocoDetection, find_coco_split
+        from .data.loader import build_train_loader
+        from .data.synthetic import ensure_synthetic_coco
+        from .data.transforms import SSDTrainTransform
+
+        if not os.path.isdir(os.path.join(args.data_dir, "annotations")) and "synthetic" in args.data_dir:
+            ensure_synthetic_coco(args.data_dir)
+        img_dir, ann = find_coco_split(args.data_dir, "train2017")
+        ds = CocoDetection(img_dir, ann, transform=SSDTrainTransform(preset.input_size, args.max_samples))
+        loader = build_train_loader(ds, batch, num_workers=args.num_workers, seed=0)
+        it = iter(loader)
+        needed = args.warmup + args.iters
+        if len(loader) < needed:
+            raise SystemExit(f"benchmark data: {len(loader)} batches in {args.data_dir}, need {needed}")
+        t = _time(lambda: next(it), args.warmup, args.iters, torch.device("cpu"))
+        rows.append({"part": f"data pipeline (torch, {args.num_workers} workers)", "batch": batch,
+                     "median_s": statistics.median(t)})
+
+    print(f"{'part':<40} {'batch':>5} {'ms/batch':>10} {'images/s':>10}")
+    for r in rows:
+        r["images_per_s"] = r["batch"] / r["median_s"]
+        print(f"{r['part']:<40} {r['batch']:>5} {1000 * r['median_s']:>10.1f} {r['images_per_s']:>10.1f}")
+    return rows

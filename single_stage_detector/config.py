@@ -1,0 +1,211 @@
+"""Typed run configuration: defaults are the benchmark's; the CLI flags are generated from it.
+
+Every field is one ``--flag`` (underscores become dashes). ``validate()`` applies the
+MLPerf SSD rules (SPEC.md section 7) and names the offending flag on error.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["ConfigError", "TrainConfig", "add_arguments", "config_from_args"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the flag (or environment variable)."""
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train, on what --------------------------------------------------------
+    preset: str = _f("ssd300_resnet34", "model preset (ssd300_resnet34 = the benchmark; ssd_tiny = CPU demo)")
+    data_dir: Optional[str] = _f(None, "COCO 2017 folder (train2017/, val2017/, annotations/)")
+    synthetic: bool = _f(False, "generate the embedded synthetic dataset into --data-dir if it holds none")
+    synthetic_train_images: int = _f(2000, "synthetic dataset: training images")
+    synthetic_val_images: int = _f(250, "synthetic dataset: validation images")
+    pretrained_backbone: Optional[str] = _f(
+        None, "ImageNet ResNet-34 weights (.npz from scripts/get_resnet34_backbone.sh, or resnet34-333f7ec4.pth)")
+    output_dir: str = _f("output/run", "folder for the resolved config, metrics, checkpoint")
+    log_file: Optional[str] = _f(None, "MLPerf log path (default: OUTPUT_DIR/mlperf.log)")
+    metrics_file: Optional[str] = _f(None, "per-step metrics JSON lines (default: OUTPUT_DIR/metrics.jsonl)")
+    save_checkpoint: bool = _f(True, "write OUTPUT_DIR/checkpoint.pt (atomically) at the end of the run")
+
+    # -- batch and optimiser -----------------------------------------------------------
+    batch_size: int = _f(32, "training images per process per step")
+    eval_batch_size: int = _f(64, "evaluation images per process per step")
+    gradient_accumulation_steps: int = _f(1, "micro-batches accumulated per optimiser step")
+    bn_span: Optional[int] = _f(None, "images over which batch norm statistics are taken (default: --batch-size)")
+    base_lr: float = _f(2.5e-3, "learning rate per 32 images; LR = base_lr * global_batch / 32")
+    lr: Optional[float] = _f(None, "learning rate for the whole global batch (overrides --base-lr)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "SGD weight decay")
+    warmup_steps: int = _f(300, "linear warm-up iterations")
+    warmup_factor: float = _f(0.0, "warm-up starts at lr * (1 - 2**-factor); 0 = from zero")
+    lr_decay_epochs: tuple[int, ...] = _f((40, 50), "epochs at which the LR is multiplied by --lr-decay-factor")
+    lr_decay_factor: float = _f(0.1, "LR multiplier at each decay epoch")
+    max_samples: int = _f(1, "SSD random-crop tries per mode (MLPerf allows 1 or 50)")
+
+    # -- schedule ----------------------------------------------------------------------
+    epochs: int = _f(80, "stop (status aborted) after this many epochs without reaching the target")
+    threshold: float = _f(0.23, "target COCO AP@[.5:.95]; training stops at the first evaluation reaching it")
+    eval_every: int = _f(5, "evaluate after every N epochs")
+    eval_start: Optional[int] = _f(None, "first epoch to evaluate after (default: --eval-every)")
+    eval_epochs: Optional[tuple[int, ...]] = _f(
+        None, "explicit evaluation epochs (overrides --eval-every), e.g. the v0.7 list 40 50 55 60 65 70 75 80")
+    eval_all_images: bool = _f(False, "also evaluate val images without annotations (default: the reference's 4,952)")
+    max_train_images: Optional[int] = _f(None, "use only the first N training images (smoke tests)")
+    max_eval_images: Optional[int] = _f(None, "evaluate only the first N val images (smoke tests)")
+
+    # -- execution ---------------------------------------------------------------------
+    seed: Optional[int] = _f(None, "random seed (default: drawn by rank 0 and broadcast); logged")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = _f("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16")
+    channels_last: Optional[bool] = _f(None, "NHWC memory format (default: on for CUDA)")
+    compile: bool = _f(False, "torch.compile the model")
+    num_workers: int = _f(4, "data-loader worker processes per training process")
+    data_backend: str = _f("torch", "input pipeline: torch (DataLoader)")
+    log_every: int = _f(20, "print progress every N iterations")
+    dist_timeout_s: int = _f(600, "timeout of collective operations, seconds")
+
+    # -- MLPerf submission fields (environment: MLPERF_SUBMISSION_*) ---------------------
+    division: str = _f("auto", "closed | open | auto (closed for the benchmark preset on real COCO)")
+    submission_org: str = _f(os.environ.get("MLPERF_SUBMISSION_ORG", "single_stage_detector"), "submitting org")
+    submission_platform: Optional[str] = _f(
+        os.environ.get("MLPERF_SUBMISSION_PLATFORM"), "system name (default: N x device name)")
+    submission_status: str = _f(os.environ.get("MLPERF_SUBMISSION_STATUS", "onprem"),
+                                "onprem | cloud | research | preview")
+    cache_cleared: bool = _f(os.environ.get("CLEAR_CACHES", "0") == "1",
+                             "the page cache was cleared before this run (logged as cache_clear)")
+
+    # -- derived -----------------------------------------------------------------------
+    def resolved_log_file(self) -> str:
+        return self.log_file or os.path.join(self.output_dir, "mlperf.log")
+
+    def resolved_metrics_file(self) -> str:
+        return self.metrics_file or os.path.join(self.output_dir, "metrics.jsonl")
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.batch_size * world_size * self.gradient_accumulation_steps
+
+    def learning_rate(self, world_size: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return self.base_lr * self.global_batch_size(world_size) / 32.0
+
+    def resolved_bn_span(self) -> int:
+        return self.bn_span if self.bn_span is not None else self.batch_size
+
+    def evaluation_epochs(self) -> list[int]:
+        """1-based epochs after which to evaluate, up to ``epochs``."""
+        if self.eval_epochs:
+            return sorted(e for e in set(self.eval_epochs) if e <= self.epochs)
+        start = self.eval_start if self.eval_start is not None else self.eval_every
+        return list(range(start, self.epochs + 1, self.eval_every))
+
+    def resolved_division(self, benchmark_preset: bool) -> str:
+        if self.division != "auto":
+            return self.division
+        return "closed" if (benchmark_preset and not self.synthetic) else "open"
+
+    # -- rules ---------------------------------------------------------------------------
+    def validate(self, *, closed: bool = False) -> None:
+        """Raise :class:`ConfigError` naming the flag for any value the harness or the rules reject."""
+
+        def bad(flag: str, msg: str) -> ConfigError:
+            return ConfigError(f"--{flag.replace('_', '-')}: {msg}")
+
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs", "eval_every",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise bad("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.bn_span is not None and self.bn_span < 1:
+            raise bad("bn_span", f"must be >= 1, got {self.bn_span}")
+        if self.max_samples not in (1, 50):
+            raise bad("max_samples", f"MLPerf allows 1 or 50, got {self.max_samples}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise bad("threshold", f"must be in (0, 1], got {self.threshold}")
+        if self.warmup_steps < 0 or self.warmup_factor < 0:
+            raise bad("warmup_steps", "warm-up steps and factor must be >= 0")
+        if (self.lr if self.lr is not None else self.base_lr) <= 0:
+            raise bad("lr", "learning rate must be > 0")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise bad("weight_decay", "weight decay must be >= 0 and momentum in [0, 1)")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise bad("amp", f"expected auto|off|bf16|fp16, got {self.amp!r}")
+        if self.data_backend not in ("torch",):
+            raise bad("data_backend", f"expected torch, got {self.data_backend!r}")
+        if self.division not in ("auto", "closed", "open"):
+            raise bad("division", f"expected auto|closed|open, got {self.division!r}")
+        if self.submission_status not in ("onprem", "cloud", "research", "preview"):
+            raise bad("submission_status", f"expected onprem|cloud|research|preview, got {self.submission_status!r} "
+                      "(environment MLPERF_SUBMISSION_STATUS)")
+        if not self.submission_org:
+            raise bad("submission_org", "must not be empty (environment MLPERF_SUBMISSION_ORG)")
+        if self.eval_epochs is not None and any(e < 1 for e in self.eval_epochs):
+            raise bad("eval_epochs", f"epochs are 1-based, got {list(self.eval_epochs)}")
+        if list(self.lr_decay_epochs) != sorted(self.lr_decay_epochs) or any(e < 1 for e in self.lr_decay_epochs):
+            raise bad("lr_decay_epochs", f"must be increasing positive epochs, got {list(self.lr_decay_epochs)}")
+        if self.data_dir is None:
+            raise bad("data_dir", "is required (a COCO 2017 folder, or an empty folder with --synthetic)")
+        if closed:
+            # SPEC.md section 7: boundaries must be [40, 50] * (1 + k/10), integer k.
+            if len(self.lr_decay_epochs) != 2 or any(
+                abs(10 * (e / base - 1) - round(10 * (e / base - 1))) > 1e-5
+                for e, base in zip(self.lr_decay_epochs, (40, 50))
+            ):
+                raise bad("lr_decay_epochs", "closed division needs two boundaries [40, 50] x (1 + k/10) "
+                          f"for integer k (e.g. 40 50, 44 55), got {list(self.lr_decay_epochs)}")
+            if self.warmup_steps < 1:
+                raise bad("warmup_steps", "closed division needs at least 1 warm-up step")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# -- argparse glue ------------------------------------------------------------------------
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict[str, Any]] = None) -> None:
+    """Add one flag per :class:`TrainConfig` field (``defaults`` overrides the dataclass defaults)."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = defaults or {}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _unwrap_optional(hints[f.name])
+        default = defaults.get(f.name, f.default)
+        help_text = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(tp) is tuple:
+            (elem, *_rest) = typing.get_args(tp)
+            parser.add_argument(flag, type=elem, nargs="+", default=default, metavar="N", help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name)
+        if isinstance(v, list):
+            v = tuple(v)
+        values[f.name] = v
+    return TrainConfig(**values)

@@ -1,0 +1,51 @@
+"""The one batch interface every data backend (PyTorch DataLoader, DALI) produces."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DetectionBatch:
+    """A batch of images and their ground truth.
+
+    Attributes:
+        images (Tensor[B, 3, H, W]): normalised float images (may be channels-last in memory).
+        boxes (list[Tensor[N_i, 4]]): ground truth (x1, y1, x2, y2), normalised to [0, 1]
+            in the coordinates of the (possibly cropped / flipped) network input.
+        labels (list[Tensor[N_i]]): contiguous class labels 1..80 (int64).
+        image_ids (Tensor[B]): COCO image ids (int64).
+        orig_sizes (Tensor[B, 2]): original (height, width) of each image, for rescaling.
+        valid (Tensor[B]): False for padding samples (so a sharded eval sees each image once).
+        skipped (int): samples the loader dropped while building this batch (corrupt files).
+    """
+
+    images: Tensor
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    image_ids: Tensor
+    orig_sizes: Tensor
+    valid: Tensor
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = True,
+           memory_format: torch.memory_format = torch.contiguous_format) -> "DetectionBatch":
+        return DetectionBatch(
+            images=self.images.to(device, non_blocking=non_blocking, memory_format=memory_format),
+            boxes=[b.to(device, non_blocking=non_blocking) for b in self.boxes],
+            labels=[lb.to(device, non_blocking=non_blocking) for lb in self.labels],
+            image_ids=self.image_ids,
+            orig_sizes=self.orig_sizes,
+            valid=self.valid,
+            skipped=self.skipped,
+        )
+
+    def pin_memory(self) -> "DetectionBatch":
+        # Called by torch's DataLoader when pin_memory=True.
+        self.images = self.images.pin_memory()
+        return self

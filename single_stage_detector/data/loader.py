@@ -1,0 +1,161 @@
+"""PyTorch ``DataLoader`` backend: collate into :class:`DetectionBatch`, train and eval loaders.
+
+Sharding:
+
+* train: ``DistributedSampler(shuffle=True, drop_last=True)``, every rank gets
+  ``len(dataset) // world_size`` indices, disjoint; the caller calls
+  ``loader.sampler.set_epoch(epoch)`` before each epoch to reshuffle.
+* eval: :class:`StridedShardSampler`, rank r gets r, r + W, r + 2W, ...: disjoint, every
+  image exactly once overall, no padding (so ``DetectionBatch.valid`` is all True).
+"""
+from __future__ import annotations
+
+import functools
+import random
+from typing import Iterator, Sequence, Sized
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .batch import DetectionBatch
+from .coco import Sample
+
+__all__ = [
+    "collate_detection",
+    "StridedShardSampler",
+    "seed_worker",
+    "build_train_loader",
+    "build_eval_loader",
+]
+
+
+def collate_detection(samples: Sequence[Sample | None]) -> DetectionBatch:
+    """Stack samples into a :class:`DetectionBatch`, dropping ``None`` (unreadable) samples.
+
+    Dropped samples are counted in ``skipped``. If every sample was dropped the batch
+    has ``images`` of shape ``[0, 3, 0, 0]``; callers should skip empty batches.
+    """
+    good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
+    if not good:
+        return DetectionBatch(
+            images=torch.zeros(0, 3, 0, 0), boxes=[], labels=[],
+            image_ids=torch.zeros(0, dtype=torch.int64), orig_sizes=torch.zeros(0, 2, dtype=torch.int64),
+            valid=torch.zeros(0, dtype=torch.bool), skipped=skipped,
+        )
+    return DetectionBatch(
+        images=torch.stack([s.image for s in good]),
+        boxes=[s.boxes for s in good],
+        labels=[s.labels for s in good],
+        image_ids=torch.tensor([s.image_id for s in good], dtype=torch.int64),
+        orig_sizes=torch.tensor([s.orig_size for s in good], dtype=torch.int64),
+        valid=torch.ones(len(good), dtype=torch.bool),
+        skipped=skipped,
+    )
+
+
+class StridedShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, rank + 2 * world_size, ... < n``, in order.
+
+    Over all ranks every index appears exactly once; shard sizes differ by at most one.
+    """
+
+    def __init__(self, data_source: Sized | int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.n = data_source if isinstance(data_source, int) else len(data_source)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed derived from ``parts`` (numpy's SeedSequence hashing, so nearby inputs decorrelate)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
+    """Seed this process's ``random``, numpy and torch RNGs from (seed, rank, worker id, loader seed).
+
+    ``torch.initial_seed()`` in a worker is the loader's per-iterator base seed plus the
+    worker id, itself drawn from the loader's generator (seeded from ``seed`` and
+    ``rank``), so it changes with every non-persistent epoch iterator yet reproducibly.
+    The transforms draw from numpy's global RNG.
+    """
+    s = _mix_seed(seed, rank, worker_id, torch.initial_seed())
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
+    """Shuffled, sharded training loader of :class:`DetectionBatch` (``batch_size`` per rank).
+
+    Call ``loader.sampler.set_epoch(epoch)`` at every epoch start. Incomplete last
+    batches are dropped. With ``num_workers=0`` the calling process's numpy global RNG
+    (the one the transforms use) is seeded here, so augmentation stays reproducible.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    generator = torch.Generator().manual_seed(_mix_seed(seed, rank, 0x5EED))
+    init_fn = functools.partial(seed_worker, seed=seed, rank=rank)
+    if num_workers == 0:
+        # Augmentation then runs here and draws from numpy's global RNG (only that one is
+        # reseeded, so the caller's torch RNG stream is left alone).
+        np.random.seed(_mix_seed(seed, rank, 0) % 2**32)
+    kwargs = {}
+    if num_workers > 0 and prefetch_factor is not None:
+        kwargs["prefetch_factor"] = prefetch_factor
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        pin_memory=pin_memory,
+        drop_last=True,
+        worker_init_fn=init_fn if num_workers > 0 else None,
+        generator=generator,
+        persistent_workers=persistent_workers and num_workers > 0,
+        **kwargs,
+    )
+
+
+def build_eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """Sharded evaluation loader: rank r sees images r, r + W, ...; no shuffling, no padding, no drop."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=StridedShardSampler(dataset, rank, world_size),
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        pin_memory=pin_memory,
+        drop_last=False,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )

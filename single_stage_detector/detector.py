@@ -1,0 +1,74 @@
+"""The detector contract the training loop relies on, and its SSD implementation.
+
+* training mode: ``detector(images, targets) -> dict[str, Tensor]`` of named, already
+  weighted loss terms (their sum is what is minimised);
+* evaluation mode: ``detector(images) -> list[dict]`` with per-image ``boxes``
+  (Tensor[K, 4], x1 y1 x2 y2 normalised), ``scores`` (Tensor[K]), ``labels`` (Tensor[K]).
+
+A new detector family (YOLO) is a new class with the same two modes; the loop is shared.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .box_coder import BoxCoder, DefaultBoxSpec, default_boxes
+from .losses import MultiboxLoss
+from .postprocess import postprocess
+
+__all__ = ["SSDDetector", "Targets"]
+
+# Either raw ground truth {"boxes": [Tensor[N_i, 4]], "labels": [Tensor[N_i]]} (encoded here,
+# on the model's device) or targets already encoded by the input pipeline
+# {"loc": Tensor[B, A, 4], "labels": Tensor[B, A]}.
+Targets = Mapping[str, "Tensor | Sequence[Tensor]"]
+
+
+class SSDDetector(nn.Module):
+    """An SSD network plus its box coder, loss and post-processing.
+
+    Args:
+        model: maps ``images [B, 3, S, S]`` to ``(loc [B, A, 4], cls_logits [B, A, C])``.
+        box_spec: the default-box geometry the model's outputs follow.
+    """
+
+    def __init__(self, model: nn.Module, box_spec: DefaultBoxSpec, *, iou_threshold: float = 0.5,
+                 neg_pos_ratio: int = 3, score_threshold: float = 0.05, nms_threshold: float = 0.5,
+                 max_detections: int = 200) -> None:
+        super().__init__()
+        self.model = model
+        self.box_spec = box_spec
+        # A buffer, so that .to(device) moves the default boxes with the weights.
+        self.register_buffer("default_boxes", default_boxes(box_spec), persistent=False)
+        self.iou_threshold = iou_threshold
+        self.loss = MultiboxLoss(neg_pos_ratio=neg_pos_ratio)
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.max_detections = max_detections
+        self._coder: BoxCoder | None = None
+
+    @property
+    def box_coder(self) -> BoxCoder:
+        if self._coder is None or self._coder.default_boxes.device != self.default_boxes.device:
+            self._coder = BoxCoder(self.default_boxes, iou_threshold=self.iou_threshold)
+        return self._coder
+
+    def encode_targets(self, boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.box_coder.encode(boxes, labels)
+
+    def forward(self, images: Tensor, targets: Targets | None = None):
+        loc, cls_logits = self.model(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("SSDDetector in training mode needs targets")
+            if "loc" in targets:
+                loc_t, labels_t = targets["loc"], targets["labels"]
+            else:
+                with torch.no_grad():
+                    loc_t, labels_t = self.encode_targets(targets["boxes"], targets["labels"])
+            return self.loss.terms(loc, cls_logits, loc_t, labels_t)
+        return postprocess(loc, cls_logits, self.default_boxes, box_coder=self.box_coder,
+                           score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
+                           max_per_class=200, max_detections=self.max_detections)

@@ -1,0 +1,127 @@
+"""The one place that writes MLPerf log lines (``:::MLLOG {...}``).
+
+Only rank 0 writes. Keys that the rules require exactly once are guarded: logging
+one twice is a bug in the harness and raises at once rather than producing a log that
+fails the compliance checker hours later.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlperf_logging.mllog.mllog import MLLogger
+from mlperf_logging.mllog import constants as C
+
+__all__ = ["MLPerfLogger", "C", "HYPERPARAMETER_KEYS"]
+
+# Keys the 0.7.0-1.1.0 SSD rules want exactly once per log.
+_EXACTLY_ONCE = {
+    C.SUBMISSION_BENCHMARK, C.SUBMISSION_ORG, C.SUBMISSION_DIVISION, C.SUBMISSION_STATUS,
+    C.SUBMISSION_PLATFORM, C.INIT_STOP, C.RUN_START, C.RUN_STOP, C.TRAIN_SAMPLES, C.EVAL_SAMPLES,
+    C.SEED, C.GLOBAL_BATCH_SIZE, C.OPT_BASE_LR, C.OPT_WEIGHT_DECAY, C.MODEL_BN_SPAN,
+    C.OPT_LR_WARMUP_STEPS, C.OPT_LR_WARMUP_FACTOR, C.MAX_SAMPLES, C.OPT_LR_DECAY_BOUNDARY_EPOCHS,
+    C.GRADIENT_ACCUMULATION_STEPS,
+}
+
+# The closed-division hyperparameters of SSD, in the order they are logged.
+HYPERPARAMETER_KEYS = (
+    C.GLOBAL_BATCH_SIZE, C.OPT_BASE_LR, C.OPT_WEIGHT_DECAY, C.MODEL_BN_SPAN,
+    C.OPT_LR_WARMUP_STEPS, C.OPT_LR_WARMUP_FACTOR, C.MAX_SAMPLES,
+    C.OPT_LR_DECAY_BOUNDARY_EPOCHS, C.GRADIENT_ACCUMULATION_STEPS,
+)
+
+
+class _FlushingFileHandler(logging.FileHandler):
+    """A file handler that fsyncs nothing but flushes every line (a killed run keeps its log)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.flush()
+
+
+class MLPerfLogger:
+    """Writes MLPerf events to ``log_file`` (appending) and to stdout, on rank 0 only.
+
+    Args:
+        log_file: path of the MLPerf log; its folder is created. None: stdout only.
+        rank: this process's global rank; ranks other than 0 log nothing.
+        stdout: also echo the lines on stdout.
+    """
+
+    def __init__(self, log_file: str | os.PathLike | None = None, *, rank: int = 0, stdout: bool = True) -> None:
+        self.enabled = rank == 0
+        self.log_file = Path(log_file) if log_file is not None else None
+        self._seen: set[str] = set()
+        self._logger = logging.getLogger(f"single_stage_detector.mllog.{id(self)}")
+        self._logger.propagate = False
+        self._logger.setLevel(logging.INFO)
+        self._handlers: list[logging.Handler] = []
+        if self.enabled:
+            if self.log_file is not None:
+                self.log_file.parent.mkdir(parents=True, exist_ok=True)
+                self._handlers.append(_FlushingFileHandler(self.log_file, mode="a", encoding="utf-8"))
+            if stdout:
+                self._handlers.append(logging.StreamHandler(sys.stdout))
+            for h in self._handlers:
+                h.setLevel(logging.INFO)
+                self._logger.addHandler(h)
+        # stack offset 2: report the caller of event()/start()/end(), not this module.
+        root = str(Path(__file__).resolve().parent.parent)
+        self._mllog = MLLogger(logger=self._logger, default_stack_offset=2, root_dir=root)
+
+    # -- raw events -------------------------------------------------------------------
+    def _guard(self, key: str, kind: str) -> None:
+        tag = f"{kind}:{key}"
+        if key in _EXACTLY_ONCE:
+            if tag in self._seen:
+                raise RuntimeError(f"MLPerf key {key!r} ({kind}) logged twice; the rules allow it once")
+            self._seen.add(tag)
+
+    def event(self, key: str, value: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        self._guard(key, "event")
+        self._mllog.event(key=key, value=value, metadata=dict(metadata) if metadata else None)
+
+    def start(self, key: str, value: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        self._guard(key, "start")
+        self._mllog.start(key=key, value=value, metadata=dict(metadata) if metadata else None)
+
+    def end(self, key: str, value: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        self._guard(key, "end")
+        self._mllog.end(key=key, value=value, metadata=dict(metadata) if metadata else None)
+
+    # -- groups of events -------------------------------------------------------------
+    def submission_info(self, *, benchmark: str, org: str, division: str, status: str, platform: str) -> None:
+        self.event(C.SUBMISSION_BENCHMARK, benchmark)
+        self.event(C.SUBMISSION_ORG, org)
+        self.event(C.SUBMISSION_DIVISION, division)
+        self.event(C.SUBMISSION_STATUS, status)
+        self.event(C.SUBMISSION_PLATFORM, platform)
+
+    def hyperparameters(self, values: Mapping[str, Any]) -> None:
+        """Log each hyperparameter once, in the order of :data:`HYPERPARAMETER_KEYS`."""
+        for key in HYPERPARAMETER_KEYS:
+            if key in values:
+                self.event(key, values[key])
+        for key, value in values.items():
+            if key not in HYPERPARAMETER_KEYS:
+                self.event(key, value)
+
+    def weights_initialization(self, tensor_names: list[str]) -> None:
+        for name in tensor_names:
+            self.event(C.WEIGHTS_INITIALIZATION, metadata={"tensor": name})
+
+    def close(self) -> None:
+        for h in self._handlers:
+            h.flush()
+            h.close()
+            self._logger.removeHandler(h)
+        self._handlers.clear()

@@ -1,0 +1,312 @@
+"""One training run, from a :class:`TrainConfig` to a finished MLPerf log.
+
+Order of events follows the MLPerf rules: everything before ``init_stop`` is set-up
+(model, optimiser, hyperparameters); the timed region ``run_start``..``run_stop``
+includes reading the dataset, training and every evaluation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import ConfigError, TrainConfig
+from .data.coco import COCO_CATEGORY_IDS, CocoDetection, find_coco_split
+from .data.loader import build_eval_loader, build_train_loader
+from .data.transforms import SSDEvalTransform, SSDTrainTransform
+from .detector import SSDDetector
+from .distributed import DistInfo, barrier, broadcast_float, broadcast_seed, init_distributed, seed_everything, shutdown
+from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, train_one_epoch
+from .evaluation import CocoEvaluator, EvalResult
+from .mlperf_log import C, MLPerfLogger
+from .models import build_model, count_parameters
+from .models.mlperf_names import mlperf_tensor_names
+
+__all__ = ["RunResult", "run_training", "prepare_dataset_dir"]
+
+
+@dataclass
+class RunResult:
+    status: str  # "success" | "aborted"
+    epochs: int
+    ap: float
+    time_to_train_s: float
+    log_file: str
+    output_dir: str
+    evaluations: list[dict] = field(default_factory=list)
+    skipped_samples: int = 0
+    dataset_stats: dict = field(default_factory=dict)
+    world_size: int = 1
+    device: str = "cpu"
+    rank: int = 0
+
+
+def prepare_dataset_dir(cfg: TrainConfig, info: DistInfo) -> None:
+    """With ``--synthetic``, write the embedded dataset into ``--data-dir`` (rank 0) if absent."""
+    if not cfg.synthetic:
+        return
+    from .data.synthetic import ensure_synthetic_coco
+
+    if info.is_main:
+        ensure_synthetic_coco(cfg.data_dir, num_train=cfg.synthetic_train_images,
+                              num_val=cfg.synthetic_val_images, seed=0)
+    barrier()
+
+
+def _platform_name(info: DistInfo) -> str:
+    if info.device.type == "cuda":
+        return f"{info.world_size}x{torch.cuda.get_device_name(info.device)}"
+    return f"{info.world_size}xCPU-{os.cpu_count()}cores-{platform.machine()}"
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    """Write a checkpoint to a temp file in the same folder, then rename: never a half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json_atomic(obj, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cfg-", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _build_sync_bn(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
+    """Batch norm over ``bn_span`` images: plain BN when it equals the local batch,
+    else SyncBatchNorm over groups of span / batch processes."""
+    span = cfg.resolved_bn_span()
+    if span == cfg.batch_size:
+        return model
+    if span % cfg.batch_size != 0:
+        raise ConfigError(f"--bn-span {span} must be a multiple of --batch-size {cfg.batch_size}")
+    group_size = span // cfg.batch_size
+    if group_size > info.world_size or info.world_size % group_size != 0:
+        raise ConfigError(f"--bn-span {span} needs groups of {group_size} processes, "
+                          f"which do not divide the {info.world_size} processes of this run")
+    if group_size == 1:
+        return model
+    import torch.distributed as dist
+
+    groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, info.world_size, group_size)]
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=groups[info.rank // group_size])
+
+
+def run_training(cfg: TrainConfig) -> RunResult:
+    """Train to the target (or the epoch limit) and write the MLPerf log. Collective: call on every rank."""
+    info = init_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        return _run(cfg, info)
+    finally:
+        shutdown()
+
+
+def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
+    from .models import get_preset
+
+    say = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+    preset = get_preset(cfg.preset)
+    division = cfg.resolved_division(preset.is_benchmark)
+    cfg.validate(closed=division == "closed")
+
+    log_file = cfg.resolved_log_file()
+    mlog = MLPerfLogger(log_file, rank=info.rank)
+    metrics = MetricsWriter(cfg.resolved_metrics_file(), enabled=info.is_main)
+    mlog.event(C.CACHE_CLEAR, cfg.cache_cleared)
+    mlog.start(C.INIT_START)
+
+    mlog.submission_info(benchmark=C.SSD, org=cfg.submission_org, division=division,
+                         status=cfg.submission_status, platform=cfg.submission_platform or _platform_name(info))
+    seed = broadcast_seed(cfg.seed, info)
+    mlog.event(C.SEED, seed)
+    # Same model init on every rank; data order/augmentation differ by rank through the loaders.
+    seed_everything(seed)
+
+    # -- model ---------------------------------------------------------------------------
+    model = build_model(preset, pretrained_backbone=cfg.pretrained_backbone)
+    if preset.backbone == "resnet34" and not model.backbone_pretrained:
+        say("WARNING: the ResNet-34 backbone is RANDOMLY INITIALISED (no --pretrained-backbone). "
+            "The benchmark needs ImageNet weights to reach 0.23 mAP: run scripts/get_resnet34_backbone.sh.")
+    model = _build_sync_bn(model, cfg, info)
+    detector = SSDDetector(model, preset.box_spec).to(info.device)
+    amp = AmpSettings.resolve(cfg.amp, info.device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
+    if channels_last:
+        detector = detector.to(memory_format=torch.channels_last)
+    train_module: nn.Module = detector
+    if info.distributed:
+        train_module = nn.parallel.DistributedDataParallel(
+            detector, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+
+    global_batch = cfg.global_batch_size(info.world_size)
+    lr = cfg.learning_rate(info.world_size)
+    optimizer = torch.optim.SGD(detector.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                foreach=True)
+    scaler = torch.amp.GradScaler(info.device.type) if amp.needs_scaler else None
+
+    mlog.hyperparameters({
+        C.GLOBAL_BATCH_SIZE: global_batch,
+        C.OPT_BASE_LR: lr,
+        C.OPT_WEIGHT_DECAY: cfg.weight_decay,
+        C.MODEL_BN_SPAN: cfg.resolved_bn_span(),
+        C.OPT_LR_WARMUP_STEPS: cfg.warmup_steps,
+        C.OPT_LR_WARMUP_FACTOR: cfg.warmup_factor,
+        C.MAX_SAMPLES: cfg.max_samples,
+        C.OPT_LR_DECAY_BOUNDARY_EPOCHS: list(cfg.lr_decay_epochs),
+        C.GRADIENT_ACCUMULATION_STEPS: cfg.gradient_accumulation_steps,
+    })
+    if preset.is_benchmark:
+        mlog.weights_initialization(list(mlperf_tensor_names(model).values()))
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    resolved = {
+        "config": cfg.to_dict(),
+        "derived": {
+            "division": division, "seed": seed, "world_size": info.world_size, "device": str(info.device),
+            "global_batch_size": global_batch, "learning_rate": lr, "bn_span": cfg.resolved_bn_span(),
+            "amp": str(amp.dtype).replace("torch.", "") if amp.enabled else "off (fp32)",
+            "channels_last": channels_last, "evaluation_epochs": cfg.evaluation_epochs(),
+            "parameters": count_parameters(model), "backbone_pretrained": model.backbone_pretrained,
+            "log_file": log_file,
+        },
+        "versions": {"single_stage_detector": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+    if info.is_main:
+        _write_json_atomic(resolved, os.path.join(cfg.output_dir, "config.json"))
+    say(f"preset {preset.name}: {count_parameters(model) / 1e6:.2f} M parameters, input {preset.input_size}, "
+        f"{preset.box_spec.num_boxes} default boxes; device {info.device} x {info.world_size}, "
+        f"amp {resolved['derived']['amp']}, global batch {global_batch}, lr {lr:.4g}, division {division}")
+
+    mlog.end(C.INIT_STOP)
+    barrier()
+    mlog.start(C.RUN_START)
+    run_start = time.time()
+    status = "aborted"
+    epochs_done = 0
+    last_ap = float("nan")
+    evaluations: list[dict] = []
+    skipped = 0
+    train_set = val_set = None
+    step = 0
+    try:
+        # -- data (inside the timed region, as the rules require) --------------------------
+        prepare_dataset_dir(cfg, info)
+        train_dir, train_ann = find_coco_split(cfg.data_dir, "train2017")
+        val_dir, val_ann = find_coco_split(cfg.data_dir, "val2017")
+        train_set = CocoDetection(train_dir, train_ann, transform=SSDTrainTransform(preset.input_size, cfg.max_samples),
+                                  skip_empty=True)
+        val_set = CocoDetection(val_dir, val_ann, transform=SSDEvalTransform(preset.input_size),
+                                skip_empty=not cfg.eval_all_images)
+        train_data = _subset(train_set, cfg.max_train_images)
+        val_data = _subset(val_set, cfg.max_eval_images)
+        mlog.event(C.TRAIN_SAMPLES, len(train_data))
+        mlog.event(C.EVAL_SAMPLES, len(val_data))
+        train_loader = build_train_loader(train_data, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
+                                          rank=info.rank, world_size=info.world_size,
+                                          pin_memory=info.device.type == "cuda")
+        eval_loader = build_eval_loader(val_data, cfg.eval_batch_size, num_workers=cfg.num_workers,
+                                        rank=info.rank, world_size=info.world_size,
+                                        persistent_workers=True)
+        evaluator = CocoEvaluator(val_ann) if info.is_main else None
+        label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
+        steps_per_epoch = len(train_loader) // cfg.gradient_accumulation_steps
+        if steps_per_epoch < 1:
+            raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes x accumulation "
+                              f"{cfg.gradient_accumulation_steps} exceeds the {len(train_data)} training images")
+        schedule = LRSchedule(lr, cfg.warmup_steps, cfg.warmup_factor, tuple(cfg.lr_decay_epochs),
+                              cfg.lr_decay_factor, steps_per_epoch)
+        eval_epochs = set(cfg.evaluation_epochs())
+        say(f"train: {len(train_data)} images, {steps_per_epoch} steps/epoch; val: {len(val_data)} images; "
+            f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}")
+
+        for epoch in range(1, cfg.epochs + 1):
+            mlog.start(C.EPOCH_START, metadata={C.EPOCH_NUM: epoch})
+            train_loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(train_module, optimizer, train_loader, epoch=epoch, num_epochs=cfg.epochs,
+                                    start_step=step, schedule=schedule, amp=amp, scaler=scaler, info=info,
+                                    accumulation_steps=cfg.gradient_accumulation_steps,
+                                    channels_last=channels_last, log_every=cfg.log_every, metrics=metrics,
+                                    steps_per_epoch=steps_per_epoch)
+            step += stats.steps
+            skipped += stats.skipped_samples
+            epochs_done = epoch
+            mlog.end(C.EPOCH_STOP, metadata={C.EPOCH_NUM: epoch})
+            say(f"epoch {epoch} done: {stats.images * info.world_size / max(stats.seconds, 1e-9):.0f} img/s, "
+                f"{stats.seconds:.1f} s")
+            metrics.write(kind="epoch", epoch=epoch, seconds=stats.seconds,
+                          images_per_s=stats.images * info.world_size / max(stats.seconds, 1e-9))
+            if epoch not in eval_epochs:
+                continue
+            mlog.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch})
+            result = evaluate(detector, eval_loader, evaluator, label_to_category, amp=amp, info=info,
+                              channels_last=channels_last)
+            ap = broadcast_float(result.ap, info)
+            mlog.event(C.EVAL_ACCURACY, ap, metadata={C.EPOCH_NUM: epoch})
+            mlog.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch})
+            last_ap = ap
+            record = {"epoch": epoch, "ap": ap, "seconds": result.seconds,
+                      "elapsed_s": time.time() - run_start, **{f"coco_{k}": v for k, v in result.stats.items()}}
+            evaluations.append(record)
+            metrics.write(kind="eval", **record)
+            say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
+                f"{result.num_images} images, {result.seconds:.1f} s), target {cfg.threshold}")
+            if ap >= cfg.threshold:
+                status = "success"
+                break
+    except BaseException:
+        mlog.end(C.RUN_STOP, metadata={C.STATUS: C.ABORTED, C.EPOCH_NUM: epochs_done})
+        mlog.close()
+        metrics.close()
+        raise
+    mlog.end(C.RUN_STOP, metadata={C.STATUS: status, C.EPOCH_NUM: epochs_done})
+    time_to_train = time.time() - run_start
+    mlog.close()
+    metrics.close()
+
+    if cfg.save_checkpoint and info.is_main:
+        _atomic_torch_save({
+            "model": detector.model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epochs_done, "step": step, "preset": preset.name,
+            "config": cfg.to_dict(), "ap": last_ap,
+        }, os.path.join(cfg.output_dir, "checkpoint.pt"))
+
+    dataset_stats = dict(getattr(train_set, "stats", {}) or {})
+    result = RunResult(status=status, epochs=epochs_done, ap=last_ap, time_to_train_s=time_to_train,
+                       log_file=log_file, output_dir=cfg.output_dir, evaluations=evaluations,
+                       skipped_samples=skipped, dataset_stats=dataset_stats, world_size=info.world_size,
+                       device=str(info.device), rank=info.rank)
+    if info.is_main:
+        _write_json_atomic({k: v for k, v in result.__dict__.items()}, os.path.join(cfg.output_dir, "result.json"))
+    return result
+
+
+def _subset(dataset, limit: int | None):
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, range(limit))

@@ -1,0 +1,98 @@
+"""COCO evaluation through the real pycocotools, and gathering detections across ranks."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from single_stage_detector.evaluation import CocoEvaluator, _dedupe, to_coco_results
+
+LUT = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13])  # label -> COCO id (12 -> 13: the id gap)
+
+
+def _write_gt(path):
+    gt = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "height": 100, "width": 200},
+            {"id": 2, "file_name": "b.jpg", "height": 50, "width": 50},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 13, "bbox": [100, 20, 60, 60], "area": 3600, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5, 5, 30, 20], "area": 600, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 13, "name": "stop sign"}],
+    }
+    path.write_text(json.dumps(gt))
+    return gt
+
+
+def _as_normalised_detections(gt):
+    """Detections equal to the ground truth, in the model's output format."""
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    per_image = {}
+    for ann in gt["annotations"]:
+        h, w = sizes[ann["image_id"]]
+        x, y, bw, bh = ann["bbox"]
+        label = int((LUT == ann["category_id"]).nonzero()[0, 0])
+        per_image.setdefault(ann["image_id"], []).append(([x / w, y / h, (x + bw) / w, (y + bh) / h], label))
+    ids = sorted(per_image)
+    dets = [{"boxes": torch.tensor([b for b, _ in per_image[i]]),
+             "scores": torch.full((len(per_image[i]),), 0.9),
+             "labels": torch.tensor([lb for _, lb in per_image[i]])} for i in ids]
+    return ids, dets, torch.tensor([sizes[i] for i in ids])
+
+
+def test_detections_equal_to_ground_truth_give_ap_one(tmp_path):
+    gt = _write_gt(tmp_path / "gt.json")
+    ids, dets, sizes = _as_normalised_detections(gt)
+    results = to_coco_results(dets, ids, sizes, LUT)
+    assert {r["category_id"] for r in results} == {1, 13}  # original ids, not labels
+    r = to_coco_results(dets, ids, sizes, LUT)[0]
+    assert r["bbox"] == pytest.approx([10, 10, 50, 40], abs=1e-3)
+    res = CocoEvaluator(tmp_path / "gt.json").evaluate(results)
+    assert res.ap == pytest.approx(1.0)
+    assert len(res.stats) == 12 and res.stats["AP50"] == pytest.approx(1.0)
+
+
+def test_hand_made_detections_match_plain_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    _write_gt(tmp_path / "gt.json")
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [12, 11, 48, 40], "score": 0.9},   # good
+        {"image_id": 1, "category_id": 1, "bbox": [60, 50, 30, 30], "score": 0.8},   # false positive
+        {"image_id": 1, "category_id": 13, "bbox": [110, 30, 60, 60], "score": 0.7},  # IoU ~0.53
+        {"image_id": 2, "category_id": 1, "bbox": [5, 5, 25, 20], "score": 0.3},     # IoU 0.83
+    ]
+    res = CocoEvaluator(tmp_path / "gt.json").evaluate(results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / "gt.json"))
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    np.testing.assert_allclose(list(res.stats.values()), ev.stats)
+    assert 0.0 < res.ap < 1.0
+
+
+def test_no_detections_gives_zero(tmp_path):
+    _write_gt(tmp_path / "gt.json")
+    assert CocoEvaluator(tmp_path / "gt.json").evaluate([]).ap == 0.0
+
+
+def test_restricting_to_evaluated_images(tmp_path):
+    gt = _write_gt(tmp_path / "gt.json")
+    ids, dets, sizes = _as_normalised_detections(gt)
+    results = to_coco_results(dets[:1], ids[:1], sizes[:1], LUT)  # only image 1 was run
+    assert CocoEvaluator(tmp_path / "gt.json").evaluate(results, image_ids=[1]).ap == pytest.approx(1.0)
+    assert CocoEvaluator(tmp_path / "gt.json").evaluate(results).ap < 1.0
+
+
+def test_dedupe_keeps_each_image_once():
+    r = lambda i: {"image_id": i, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}  # noqa: E731
+    parts = [([r(1), r(3)], [1, 3]), ([r(2), r(1)], [2, 1])]  # image 1 seen by both ranks (padding)
+    results, ids = _dedupe(parts)
+    assert sorted(ids) == [1, 2, 3]
+    assert sorted(x["image_id"] for x in results) == [1, 2, 3]
