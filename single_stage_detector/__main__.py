@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_benchmark_arguments(p)
     p.set_defaults(func=_cmd_benchmark)
+
+    from .tools.cli import register as register_tools
+
+    register_tools(sub)
     return parser
 
 

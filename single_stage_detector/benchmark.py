@@ -2,7 +2,8 @@
 
 Each part is timed on its own so that a slow part is easy to spot: ``train`` and
 ``eval`` feed the model random images with realistic targets (no data loading);
-``data`` runs the training input pipeline alone (decode, augmentation, collation).
+``data`` runs the training input pipeline alone (decode, augmentation, collation), once per
+backend (``--data-backends torch dali``; DALI is skipped with a note when not installed).
 Figures are medians over timed iterations after warm-up iterations.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
                    help="dataset for the data part (the synthetic one is generated if missing)")
     p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--max-samples", type=int, default=1)
+    p.add_argument("--data-backends", nargs="+", default=["torch", "dali"], choices=["torch", "dali"],
+                   help="input pipelines timed by the data part (dali is skipped with a note when not installed)")
 
 
 def _sync(device: torch.device) -> None:
@@ -60,6 +63,60 @@ def _time(fn, warmup: int, iters: int, device: torch.device) -> list[float]:
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.device) -> list[dict]:
+    """Images/s of the training input pipeline alone, per backend (decode, augmentation, batching).
+
+    torch: the DataLoader with ``--num-workers`` worker processes (targets encoded later,
+    on the model's device, so not timed here). dali: the DALI pipeline with
+    ``--num-workers`` threads, on the GPU when the device is CUDA, else CPU-only, including
+    the box encoding of the targets (BoxCoder on the pipeline's device).
+    """
+    from .box_coder import default_boxes
+    from .data.coco import CocoDetection, find_coco_split
+    from .data.loader import build_train_loader
+    from .data.synthetic import ensure_synthetic_coco
+    from .data.transforms import SSDTrainTransform
+
+    if not os.path.isdir(os.path.join(args.data_dir, "annotations")) and "synthetic" in args.data_dir:
+        ensure_synthetic_coco(args.data_dir)
+    img_dir, ann = find_coco_split(args.data_dir, "train2017")
+    needed = args.warmup + args.iters
+    rows = []
+    for backend in getattr(args, "data_backends", ["torch"]):
+        if backend == "torch":
+            ds = CocoDetection(img_dir, ann, transform=SSDTrainTransform(preset.input_size, args.max_samples))
+            loader = build_train_loader(ds, batch, num_workers=args.num_workers, seed=0)
+            part = f"data pipeline (torch, {args.num_workers} workers)"
+        else:
+            from .data.dali import DaliTrainLoader, dali_import_error
+
+            err = dali_import_error()
+            if err is not None:
+                print(f"data pipeline (dali): skipped, DALI not importable ({err})", flush=True)
+                continue
+            index = CocoDetection(img_dir, ann)
+            files = [index.image_info(i)["file_name"] for i in index.image_ids]
+            device_id = None
+            if device.type == "cuda":
+                device_id = device.index if device.index is not None else torch.cuda.current_device()
+            loader = DaliTrainLoader(img_dir, ann, files, batch_size=batch, input_size=preset.input_size, seed=0,
+                                     device_id=device_id, num_threads=args.num_workers,
+                                     max_samples=args.max_samples, default_boxes=default_boxes(preset.box_spec),
+                                     fp16=device.type == "cuda")
+            where = "gpu" if device_id is not None else "cpu"
+            part = f"data pipeline (dali {where}, {max(1, args.num_workers)} threads)"
+        if len(loader) < needed:
+            raise SystemExit(f"benchmark data: {len(loader)} batches of {batch} in {args.data_dir}, need {needed}")
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(1)
+        it = iter(loader)
+        t = _time(lambda: next(it), args.warmup, args.iters, device if backend == "dali" else torch.device("cpu"))
+        rows.append({"part": part, "batch": batch, "median_s": statistics.median(t)})
+        if hasattr(loader, "close"):  # DALI: stop its threads before the next backend is timed
+            loader.close()
+    return rows
 
 
 def run_benchmark(args: argparse.Namespace) -> list[dict]:
@@ -125,23 +182,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         rows.append({"part": "inference (fwd+decode+NMS)", "batch": batch, "median_s": statistics.median(t)})
 
     if "data" in args.parts:
-        from .data.coco import CocoDetection, find_coco_split
-        from .data.loader import build_train_loader
-        from .data.synthetic import ensure_synthetic_coco
-        from .data.transforms import SSDTrainTransform
-
-        if not os.path.isdir(os.path.join(args.data_dir, "annotations")) and "synthetic" in args.data_dir:
-            ensure_synthetic_coco(args.data_dir)
-        img_dir, ann = find_coco_split(args.data_dir, "train2017")
-        ds = CocoDetection(img_dir, ann, transform=SSDTrainTransform(preset.input_size, args.max_samples))
-        loader = build_train_loader(ds, batch, num_workers=args.num_workers, seed=0)
-        it = iter(loader)
-        needed = args.warmup + args.iters
-        if len(loader) < needed:
-            raise SystemExit(f"benchmark data: {len(loader)} batches in {args.data_dir}, need {needed}")
-        t = _time(lambda: next(it), args.warmup, args.iters, torch.device("cpu"))
-        rows.append({"part": f"data pipeline (torch, {args.num_workers} workers)", "batch": batch,
-                     "median_s": statistics.median(t)})
+        rows.extend(_benchmark_data(args, preset, batch, device))
 
     print(f"{'part':<40} {'batch':>5} {'ms/batch':>10} {'images/s':>10}")
     for r in rows:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "DefaultBoxSpec",
@@ -172,17 +173,13 @@ class BoxCoder:
                 torch.zeros(batch, num_anchors, 4, device=device),
                 torch.zeros(batch, num_anchors, dtype=torch.int64, device=device),
             )
-        # Pad to [B, G, 4]; padded rows get an empty box far outside the image (IoU 0)
-        # and are also masked out explicitly below.
-        gt = torch.full((batch, max_gt, 4), -2.0, device=device)
-        gt_labels = torch.zeros(batch, max_gt, dtype=torch.int64, device=device)
-        valid = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)
-        for b, (bx, lb) in enumerate(zip(boxes, labels)):
-            n = bx.shape[0]
-            if n:
-                gt[b, :n] = bx.to(device=device, dtype=torch.float32)
-                gt_labels[b, :n] = lb.to(device=device, dtype=torch.int64)
-                valid[b, :n] = True
+        # Pad to [B, G, 4] in one op; padded rows get an empty box far outside the image
+        # (IoU 0) and are also masked out explicitly below.
+        gt = pad_sequence([b.to(device=device, dtype=torch.float32) for b in boxes], batch_first=True,
+                          padding_value=-2.0)
+        gt_labels = pad_sequence([lb.to(device=device, dtype=torch.int64) for lb in labels], batch_first=True)
+        counts = torch.tensor([int(b.shape[0]) for b in boxes], device=device)
+        valid = torch.arange(max_gt, device=device)[None, :] < counts[:, None]
 
         iou = box_iou(gt, self.default_boxes_xyxy)  # [B, G, A]
         iou = iou.masked_fill(~valid[..., None], -1.0)

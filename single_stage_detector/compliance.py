@@ -39,3 +39,149 @@ def check_log(log_file: str | os.PathLike, ruleset: str = "1.0.0", usage: str = 
                 if (ln.startswith("WARNING") or ln.startswith("ERROR")) and "FAILED" not in ln]
     ok = proc.returncode == 0 and "SUCCESS" in output
     return ComplianceResult(ok=ok, ruleset=ruleset, output=output, failed_checks=failed, problems=problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading logs back, and the other official checkers (RCP, package), for the results tooling.
+# --------------------------------------------------------------------------------------------
+import json as _json
+from pathlib import Path as _Path
+
+__all__ += ["LogRecord", "read_log", "find_logs", "default_ruleset", "RCP_VERSION", "CheckerRun",
+            "check_rcp", "check_package", "NUM_REFERENCE_WEIGHTS"]
+
+_TOKEN = ":::MLLOG"
+# The 1.1.0 closed rules want exactly the tensors of the MXNet reference model (SPEC.md section 8).
+NUM_REFERENCE_WEIGHTS = 119
+# RCPs of SSD300 (benchmark "ssd") are in mlperf_logging/rcp_checker/training_1.1.0/rcps_ssd.json.
+RCP_VERSION = "1.1.0"
+
+
+@dataclass
+class LogRecord:
+    key: str
+    value: object
+    time_ms: float
+    event_type: str
+    metadata: dict
+
+
+def read_log(log_file: str | os.PathLike) -> list[LogRecord]:
+    """The ``:::MLLOG`` records of a log, in file order (other lines and broken JSON are skipped)."""
+    records = []
+    with open(log_file, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            pos = line.find(_TOKEN)
+            if pos < 0:
+                continue
+            try:
+                obj = _json.loads(line[pos + len(_TOKEN):])
+            except ValueError:
+                continue
+            if not isinstance(obj, dict) or "key" not in obj:
+                continue
+            records.append(LogRecord(key=obj["key"], value=obj.get("value"), time_ms=float(obj.get("time_ms", 0)),
+                                     event_type=obj.get("event_type", ""), metadata=obj.get("metadata") or {}))
+    return records
+
+
+def _is_mlperf_log(path: _Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    return _TOKEN in head
+
+
+def find_logs(paths) -> list[_Path]:
+    """MLPerf logs named by ``paths`` (files, or folders searched recursively for ``*.log`` /
+    ``result_*.txt`` files holding ``:::MLLOG`` lines), sorted, without duplicates."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[_Path] = []
+    for p in map(_Path, paths):
+        if p.is_dir():
+            cands = sorted(set(p.rglob("*.log")) | set(p.rglob("result_*.txt")))
+            found.extend(c for c in cands if c.is_file() and _is_mlperf_log(c))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"no such log file or folder: {p}")
+    seen: set[_Path] = set()
+    out = []
+    for f in found:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(f)
+    return out
+
+
+def default_ruleset(log_file: str | os.PathLike) -> str:
+    """The newest ruleset under which "ssd" means SSD300-ResNet34 and that this log can meet:
+    1.1.0 for a closed-division log carrying the 119 ``weights_initialization`` events, else 1.0.0."""
+    records = read_log(log_file)
+    division = next((r.value for r in records if r.key == "submission_division"), None)
+    n_weights = sum(r.key == "weights_initialization" for r in records)
+    return "1.1.0" if division == "closed" and n_weights == NUM_REFERENCE_WEIGHTS else "1.0.0"
+
+
+@dataclass
+class CheckerRun:
+    """Verdict and full output of one official checker run (a subprocess)."""
+    ok: bool
+    message: str  # the checker's one-line verdict / reason
+    output: str
+    returncode: int
+
+
+def _run_module(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, check=False)
+
+
+def check_rcp(log_files, rcp_version: str = RCP_VERSION, usage: str = "training") -> CheckerRun:
+    """Run the official RCP checker (``mlperf_logging.rcp_checker``) over ``log_files``.
+
+    The checker reads a folder of ``result_*.txt`` files; they are copied to a temporary one.
+    """
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = os.path.join(tmp, "ssd")
+        os.makedirs(results)
+        for i, f in enumerate(log_files):
+            shutil.copyfile(f, os.path.join(results, f"result_{i}.txt"))
+        proc = _run_module(["mlperf_logging.rcp_checker", results, "--rcp_usage", usage, "--rcp_version", rcp_version,
+                            "--log_output", os.path.join(tmp, "rcp_checker.log")], cwd=tmp)
+    output = proc.stdout + proc.stderr
+    verdict = [ln for ln in output.splitlines() if "RCP test PASSED" in ln or "RCP test FAILED" in ln]
+    if verdict:
+        message = re.sub(r"^(INFO|ERROR|WARNING) - ", "", verdict[-1]).strip()
+        message = message.split(", consider adding")[0]
+    else:
+        tail = [ln for ln in output.splitlines() if ln.strip()]
+        message = tail[-1].strip() if tail else f"rcp_checker exited with status {proc.returncode}"
+    ok = proc.returncode == 0 and any("RCP test PASSED" in v for v in verdict)
+    return CheckerRun(ok=ok, message=message, output=output, returncode=proc.returncode)
+
+
+PACKAGE_SUCCESS = "PACKAGE CHECKER FOUND NO ERRORS, SUCCESS !"
+
+
+def check_package(org_folder: str | os.PathLike, ruleset: str, usage: str = "training",
+                  extra_args: tuple[str, ...] = ()) -> CheckerRun:
+    """Run the official package checker (``mlperf_logging.package_checker``) on an org folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = _run_module(["mlperf_logging.package_checker", os.fspath(os.path.abspath(org_folder)), usage, ruleset,
+                            "--log_output", os.path.join(tmp, "package_checker.log"), *extra_args], cwd=tmp)
+    output = proc.stdout + proc.stderr
+    ok = proc.returncode == 0 and PACKAGE_SUCCESS in output
+    lines = [ln.strip() for ln in output.splitlines()]
+    if ok:
+        message = PACKAGE_SUCCESS
+    else:
+        errors = [re.sub(r"^ERROR - ", "", ln).strip() for ln in lines if ln.startswith("ERROR")]
+        message = "; ".join(errors) if errors else (next((ln for ln in reversed(lines) if ln), "")
+                                                     or f"package_checker exited with status {proc.returncode}")
+    return CheckerRun(ok=ok, message=message, output=output, returncode=proc.returncode)

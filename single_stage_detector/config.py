@@ -53,6 +53,8 @@ class TrainConfig:
     lr_decay_epochs: tuple[int, ...] = _f((40, 50), "epochs at which the LR is multiplied by --lr-decay-factor")
     lr_decay_factor: float = _f(0.1, "LR multiplier at each decay epoch")
     max_samples: int = _f(1, "SSD random-crop tries per mode (MLPerf allows 1 or 50)")
+    augment: bool = _f(True, "SSD random crop, flip and colour jitter on training images "
+                             "(--no-augment: resize + normalise only, for exactness tests)")
 
     # -- schedule ----------------------------------------------------------------------
     epochs: int = _f(80, "stop (status aborted) after this many epochs without reaching the target")
@@ -72,9 +74,12 @@ class TrainConfig:
     channels_last: Optional[bool] = _f(None, "NHWC memory format (default: on for CUDA)")
     compile: bool = _f(False, "torch.compile the model")
     num_workers: int = _f(4, "data-loader worker processes per training process")
-    data_backend: str = _f("torch", "input pipeline: torch (DataLoader)")
+    data_backend: str = _f("auto", "input pipeline: torch (DataLoader) | dali (NVIDIA DALI; CPU-only without a GPU) "
+                           "| auto (dali when it is installed and the run is on a GPU, else torch)")
     log_every: int = _f(20, "print progress every N iterations")
     dist_timeout_s: int = _f(600, "timeout of collective operations, seconds")
+    init_checkpoint: Optional[str] = _f(None, "start from the model weights of this checkpoint.pt (not a resume)")
+    eval_only: bool = _f(False, "no training: evaluate the (initial) model once and stop (not a benchmark log)")
 
     # -- MLPerf submission fields (environment: MLPERF_SUBMISSION_*) ---------------------
     division: str = _f("auto", "closed | open | auto (closed for the benchmark preset on real COCO)")
@@ -143,8 +148,8 @@ class TrainConfig:
             raise bad("weight_decay", "weight decay must be >= 0 and momentum in [0, 1)")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise bad("amp", f"expected auto|off|bf16|fp16, got {self.amp!r}")
-        if self.data_backend not in ("torch",):
-            raise bad("data_backend", f"expected torch, got {self.data_backend!r}")
+        if self.data_backend not in ("torch", "dali", "auto"):
+            raise bad("data_backend", f"expected torch|dali|auto, got {self.data_backend!r}")
         if self.division not in ("auto", "closed", "open"):
             raise bad("division", f"expected auto|closed|open, got {self.division!r}")
         if self.submission_status not in ("onprem", "cloud", "research", "preview"):

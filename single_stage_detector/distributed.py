@@ -6,11 +6,14 @@ import os
 import random
 from dataclasses import dataclass
 
+from torch import nn
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown", "broadcast_seed", "seed_everything", "barrier",
+__all__ = ["DistInfo", "LaunchEnv", "launch_env", "expand_slurm_nodelist", "first_slurm_host",
+           "init_distributed", "sync_batch_norm", "CpuSyncBatchNorm", "shutdown", "broadcast_seed", "seed_everything", "barrier",
            "broadcast_float", "select_device"]
 
 
@@ -33,44 +36,172 @@ class DistInfo:
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto`` picks the process's local GPU when CUDA works, else the CPU."""
     if requested == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", _local_gpu(local_rank)) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
         if device.index is None:
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", _local_gpu(local_rank))
     return device
 
 
-def _env_int(*names: str) -> int | None:
+def _local_gpu(local_rank: int) -> int:
+    """GPU index of this process: its local rank, or 0 when the launcher made only one GPU
+    visible per task (SLURM ``--gpus-per-task=1`` / per-task ``CUDA_VISIBLE_DEVICES``)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise RuntimeError(f"local rank {local_rank} but only {count} GPUs are visible to this process: "
+                       "start one process per GPU (torchrun --nproc_per_node / srun --ntasks-per-node)")
+
+
+def _env_int(*names: str, environ=None) -> int | None:
+    env = os.environ if environ is None else environ
     for n in names:
-        if os.environ.get(n, "") != "":
-            return int(os.environ[n])
+        if env.get(n, "") != "":
+            return int(env[n])
     return None
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
-    """Join the process group described by the environment, if any.
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Host names of a SLURM compact node list, in order.
 
-    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under SLURM
-    (srun, one task per GPU) the SLURM_* equivalents are used. NCCL on CUDA, gloo on CPU.
+    ``node[01-04,07],gpu5`` -> node01 node02 node03 node04 node07 gpu5. Zero padding is
+    kept; several bracket groups in one name (``r[1-2]n[1-2]``) expand as a product.
     """
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
-    rank = _env_int("RANK", "SLURM_PROCID") or 0
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
-    dev = select_device(device, local_rank)
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        hosts.extend(_expand_one(item))
+    return hosts
+
+
+def _split_top_level(s: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"bad SLURM node list {s!r}: unbalanced ']'")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"bad SLURM node list {s!r}: unbalanced '['")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_one(item: str) -> list[str]:
+    i = item.find("[")
+    if i < 0:
+        return [item]
+    j = item.index("]", i)
+    prefix, body, rest = item[:i], item[i + 1:j], item[j + 1:]
+    values: list[str] = []
+    for r in body.split(","):
+        r = r.strip()
+        if "-" in r:
+            lo, hi = r.split("-", 1)
+            width = len(lo)
+            if int(hi) < int(lo):
+                raise ValueError(f"bad SLURM node range {r!r} in {item!r}")
+            values.extend(str(v).zfill(width) for v in range(int(lo), int(hi) + 1))
+        elif r:
+            values.append(r)
+    if not values:
+        raise ValueError(f"bad SLURM node list {item!r}: empty range")
+    tails = _expand_one(rest) if rest else [""]
+    return [prefix + v + t for v in values for t in tails]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM compact node list (where SLURM puts task 0)."""
+    hosts = expand_slurm_nodelist(nodelist)
+    if not hosts:
+        raise ValueError(f"empty SLURM node list {nodelist!r}")
+    return hosts[0]
+
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from the launcher's environment."""
+
+    launcher: str  # "torchrun" | "slurm" | "none"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def launch_env(environ=None) -> LaunchEnv:
+    """Rank, world size, local rank and rendezvous address from the environment.
+
+    * torchrun (or any launcher setting ``RANK``/``WORLD_SIZE``): those, plus
+      ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``. Takes precedence over SLURM, so
+      ``srun torchrun ...`` (one torchrun per node) works.
+    * SLURM ``srun`` with one task per GPU: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``
+      (else ``SLURM_NTASKS``), ``SLURM_LOCALID``; ``MASTER_ADDR`` (if not set) is the
+      first host of ``SLURM_STEP_NODELIST`` (else ``SLURM_JOB_NODELIST``/``SLURM_NODELIST``),
+      ``MASTER_PORT`` (if not set) 29500 + ``SLURM_JOB_ID`` mod 1000, so that jobs sharing
+      a node do not collide.
+    * neither: one process.
+    """
+    env = os.environ if environ is None else environ
+    addr = env.get("MASTER_ADDR") or None
+    port = _env_int("MASTER_PORT", environ=env)
+    if env.get("RANK", "") != "" and env.get("WORLD_SIZE", "") != "":
+        rank = _env_int("RANK", environ=env)
+        world = _env_int("WORLD_SIZE", environ=env)
+        local = _env_int("LOCAL_RANK", environ=env)
+        return LaunchEnv("torchrun", rank, world, local if local is not None else 0,
+                         addr or "127.0.0.1", port or DEFAULT_MASTER_PORT)
+    if env.get("SLURM_PROCID", "") != "":
+        world = _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", environ=env) or 1
+        rank = _env_int("SLURM_PROCID", environ=env)
+        local = _env_int("SLURM_LOCALID", environ=env) or 0
+        if addr is None:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            addr = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+        if port is None:
+            job = _env_int("SLURM_JOB_ID", environ=env)
+            port = DEFAULT_MASTER_PORT + (job % 1000 if job is not None else 0)
+        return LaunchEnv("slurm", rank, world, local, addr, port)
+    return LaunchEnv("none", 0, 1, 0, addr or "127.0.0.1", port or DEFAULT_MASTER_PORT)
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Join the process group described by the environment (:func:`launch_env`), if any.
+
+    One GPU per process (``cuda:LOCAL_RANK``); NCCL on CUDA, gloo on CPU; collectives
+    time out after ``timeout_s`` seconds (an error, not a hang, when a rank died).
+    """
+    env = launch_env()
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise RuntimeError(f"bad distributed environment: rank {env.rank} of world size {env.world_size}")
+    dev = select_device(device, env.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+    if env.world_size > 1 and not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = env.master_addr
+        os.environ["MASTER_PORT"] = str(env.master_port)
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
-            rank=rank, world_size=world_size,
+            init_method="env://",
+            rank=env.rank, world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return DistInfo(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, device=dev)
 
 
 def shutdown() -> None:
@@ -103,3 +234,67 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over a process group for CPU tensors (gloo), where ``nn.SyncBatchNorm``
+    refuses to run (its kernels and DDP's check are GPU-only).
+
+    In training mode the statistics are taken over the group with the differentiable
+    ``torch.distributed.nn`` all-reduce (sum and count, then the centred sum of squares),
+    which gives the forward and backward of batch norm over the union of the group's
+    batches, and the same running-statistics update as ``nn.SyncBatchNorm``. Otherwise
+    (eval mode, no process group, a group of one) it is plain batch norm. Its state dict
+    is that of the BatchNorm it replaces.
+    """
+
+    def __init__(self, *args, process_group=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(input)
+        group = self.process_group or dist.group.WORLD
+        if dist.get_world_size(group) == 1:
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(input)
+        dims = [0] + list(range(2, input.dim()))
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        count_local = input.numel() // input.size(1)
+        sums = all_reduce(torch.cat([input.sum(dims), input.new_tensor([float(count_local)])]), group=group)
+        count = sums[-1].detach()
+        mean = sums[:-1] / count
+        centred = input - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims), group=group) / count
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * (count / (count - 1).clamp(min=1))
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+        return out
+
+
+def sync_batch_norm(module: nn.Module, process_group=None, device_type: str = "cuda") -> nn.Module:
+    """Every BatchNorm of ``module`` synchronised over ``process_group`` (state-dict compatible).
+
+    ``nn.SyncBatchNorm`` on GPUs; :class:`CpuSyncBatchNorm` for a CPU (gloo) run.
+    """
+    if device_type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=process_group)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            m.__class__ = CpuSyncBatchNorm
+            m.process_group = process_group
+    return module

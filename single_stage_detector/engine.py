@@ -22,7 +22,19 @@ from .distributed import DistInfo
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_results
 from .losses import check_finite
 
-__all__ = ["LRSchedule", "AmpSettings", "EpochStats", "MetricsWriter", "train_one_epoch", "evaluate"]
+__all__ = ["LRSchedule", "AmpSettings", "EpochStats", "MetricsWriter", "ShardedEvalResult", "train_one_epoch",
+           "evaluate", "FAULT_INJECT_ENV"]
+
+# Test hook: SSD_FAULT_INJECT_RANK=r makes rank r raise at optimiser step SSD_FAULT_INJECT_STEP
+# (default 1), to check that one failing rank ends the whole launch. Never set in real runs.
+FAULT_INJECT_ENV = "SSD_FAULT_INJECT_RANK"
+
+
+def _fault_injection_step(rank: int) -> int | None:
+    value = os.environ.get(FAULT_INJECT_ENV, "")
+    if value == "" or int(value) != rank:
+        return None
+    return int(os.environ.get("SSD_FAULT_INJECT_STEP", "1"))
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,13 @@ class AmpSettings:
     @property
     def needs_scaler(self) -> bool:
         return self.enabled and self.dtype == torch.float16
+
+
+@dataclass
+class ShardedEvalResult(EvalResult):
+    """An :class:`EvalResult` plus how many images each rank ran inference on."""
+
+    images_per_rank: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -138,7 +157,16 @@ def train_one_epoch(
     """Train for one epoch (``epoch`` is 1-based). Returns the epoch's statistics.
 
     Every ``accumulation_steps`` micro-batches make one optimiser step; gradients are
-    only all-reduced on the last micro-batch (DDP ``no_sync``).
+    only all-reduced on the last micro-batch (DDP ``no_sync``). Each micro-batch loss is
+    divided by ``accumulation_steps``, so the step's gradient is the mean over all its
+    images, as with one batch of ``accumulation_steps`` times the size. With
+    ``steps_per_epoch`` the epoch ends after that many optimiser steps (micro-batches left
+    over that would not make a full step are not run).
+
+    Distributed: every rank must run the same number of forward/backward passes (DDP and
+    SyncBatchNorm are collectives). A batch whose images were all unreadable is therefore
+    not skipped when there are several ranks: the previous batch is run again with its
+    loss multiplied by 0 (no gradient, no update of its own), keeping the ranks in step.
     """
     say = _printer(info)
     detector.train()
@@ -149,28 +177,42 @@ def train_one_epoch(
     t0 = time.perf_counter()
     t_log, images_since_log = t0, 0
     total = steps_per_epoch if steps_per_epoch is not None else "?"
+    fault_step = _fault_injection_step(info.rank)
     optimizer.zero_grad(set_to_none=True)
+    previous: DetectionBatch | None = None
     for batch in loader:
         stats.skipped_samples += batch.skipped
+        loss_weight = 1.0
         if len(batch) == 0:
-            continue
-        batch = batch.to(info.device, memory_format=memory_format)
+            if not info.distributed:
+                continue
+            if previous is None:
+                raise RuntimeError(f"rank {info.rank}: every image of the first batch of epoch {epoch} was unreadable; "
+                                   "the ranks cannot stay in step (see the warnings above)")
+            batch, loss_weight = previous, 0.0
+        else:
+            batch = batch.to(info.device, memory_format=memory_format)
+            previous = batch
+        if fault_step is not None and step + 1 >= fault_step:
+            raise RuntimeError(f"fault injected on rank {info.rank} at step {step + 1} "
+                               f"({FAULT_INJECT_ENV} test hook)")
         last_micro = (micro + 1) % accumulation_steps == 0
         sync_ctx = (detector.no_sync() if (not last_micro and hasattr(detector, "no_sync"))
                     else contextlib.nullcontext())
         with sync_ctx:
             with amp.autocast():
-                losses = detector(batch.images, {"boxes": batch.boxes, "labels": batch.labels})
+                losses = detector(batch.images, batch.targets())
             loss = sum(losses.values())
             check_finite(losses, where=f"epoch {epoch}, step {step + 1}")
-            loss = loss / accumulation_steps
+            loss = loss * (loss_weight / accumulation_steps)
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:
                 loss.backward()
         micro += 1
-        stats.images += len(batch)
-        images_since_log += len(batch)
+        if loss_weight:
+            stats.images += len(batch)
+            images_since_log += len(batch)
         if not last_micro:
             continue
 
@@ -198,6 +240,8 @@ def train_one_epoch(
                 metrics.write(kind="train", epoch=epoch, step=step, lr=lr, loss=sum(values.values()),
                               images_per_s=rate, **{f"loss_{k}": v for k, v in values.items()})
             t_log, images_since_log = now, 0
+        if steps_per_epoch is not None and stats.steps >= steps_per_epoch:
+            break
     if info.device.type == "cuda":
         torch.cuda.synchronize(info.device)
     stats.seconds = time.perf_counter() - t0
@@ -239,11 +283,26 @@ def evaluate(
         results.extend(to_coco_results(dets, ids, sizes, label_to_category))
         seen_ids.extend(ids)
     inference_s = time.perf_counter() - t0
+    images_per_rank = _all_gather_count(len(seen_ids), info)
     gathered = gather_results(results, seen_ids)
     if gathered is None:
-        return EvalResult(ap=math.nan, seconds=inference_s)
+        return ShardedEvalResult(ap=math.nan, seconds=inference_s, images_per_rank=images_per_rank)
     all_results, all_ids = gathered
+    if sum(images_per_rank) != len(all_ids):
+        print(f"WARNING: evaluation: the ranks inferred {sum(images_per_rank)} images for {len(all_ids)} distinct "
+              "ones; duplicates were counted once", file=sys.stderr, flush=True)
     assert evaluator is not None, "rank 0 needs the COCO evaluator"
     result = evaluator.evaluate(all_results, all_ids)
     result.seconds = time.perf_counter() - t0
-    return result
+    return ShardedEvalResult(**vars(result), images_per_rank=images_per_rank)
+
+
+def _all_gather_count(n: int, info: DistInfo) -> list[int]:
+    if not info.distributed:
+        return [n]
+    import torch.distributed as dist
+
+    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
+    out = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(info.world_size)]
+    dist.all_gather(out, torch.tensor([n], dtype=torch.int64, device=dev))
+    return [int(t.item()) for t in out]

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from mlperf_logging.mllog.mllog import MLLogger
 from mlperf_logging.mllog import constants as C
 
-__all__ = ["MLPerfLogger", "C", "HYPERPARAMETER_KEYS"]
+__all__ = ["MLPerfLogger", "C", "HYPERPARAMETER_KEYS", "move_aside"]
 
 # Keys the 0.7.0-1.1.0 SSD rules want exactly once per log.
 _EXACTLY_ONCE = {
@@ -42,6 +42,18 @@ class _FlushingFileHandler(logging.FileHandler):
         self.flush()
 
 
+def move_aside(path: Path) -> Path | None:
+    """Rename a non-empty ``path`` to the first free ``path.N``; return the new name."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{n}")
+    os.replace(path, target)
+    return target
+
+
 class MLPerfLogger:
     """Writes MLPerf events to ``log_file`` (appending) and to stdout, on rank 0 only.
 
@@ -49,10 +61,15 @@ class MLPerfLogger:
         log_file: path of the MLPerf log; its folder is created. None: stdout only.
         rank: this process's global rank; ranks other than 0 log nothing.
         stdout: also echo the lines on stdout.
+        keep_existing: a non-empty file already at ``log_file`` (an earlier run) is renamed
+            to ``<log_file>.1`` (``.2``, ...) rather than appended to: one run per log, as
+            the checkers expect, and nothing overwritten.
     """
 
-    def __init__(self, log_file: str | os.PathLike | None = None, *, rank: int = 0, stdout: bool = True) -> None:
+    def __init__(self, log_file: str | os.PathLike | None = None, *, rank: int = 0, stdout: bool = True,
+                 keep_existing: bool = True) -> None:
         self.enabled = rank == 0
+        self.previous_log: Path | None = None
         self.log_file = Path(log_file) if log_file is not None else None
         self._seen: set[str] = set()
         self._logger = logging.getLogger(f"single_stage_detector.mllog.{id(self)}")
@@ -62,6 +79,8 @@ class MLPerfLogger:
         if self.enabled:
             if self.log_file is not None:
                 self.log_file.parent.mkdir(parents=True, exist_ok=True)
+                if keep_existing:
+                    self.previous_log = move_aside(self.log_file)
                 self._handlers.append(_FlushingFileHandler(self.log_file, mode="a", encoding="utf-8"))
             if stdout:
                 self._handlers.append(logging.StreamHandler(sys.stdout))

@@ -18,17 +18,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import __version__
 from .config import ConfigError, TrainConfig
-from .data.coco import COCO_CATEGORY_IDS, CocoDetection, find_coco_split
-from .data.loader import build_eval_loader, build_train_loader
-from .data.transforms import SSDEvalTransform, SSDTrainTransform
+from .data.coco import COCO_CATEGORY_IDS
+from .data.pipeline import build_data_pipeline
 from .detector import SSDDetector
-from .distributed import DistInfo, barrier, broadcast_float, broadcast_seed, init_distributed, seed_everything, shutdown
+from .distributed import (DistInfo, barrier, broadcast_float, broadcast_seed, init_distributed, seed_everything,
+                          shutdown, sync_batch_norm)
 from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, train_one_epoch
 from .evaluation import CocoEvaluator, EvalResult
-from .mlperf_log import C, MLPerfLogger
+from .mlperf_log import C, MLPerfLogger, move_aside
 from .models import build_model, count_parameters
 from .models.mlperf_names import mlperf_tensor_names
 
@@ -96,7 +97,11 @@ def _write_json_atomic(obj, path: str) -> None:
 
 def _build_sync_bn(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
     """Batch norm over ``bn_span`` images: plain BN when it equals the local batch,
-    else SyncBatchNorm over groups of span / batch processes."""
+    else SyncBatchNorm over groups of span / batch consecutive ranks (0..g-1, g..2g-1, ...).
+
+    The span is per micro-batch: gradient accumulation does not widen it (each micro-batch
+    normalises with its own statistics), so global batch = bn_span x (processes / g) x accumulation.
+    """
     span = cfg.resolved_bn_span()
     if span == cfg.batch_size:
         return model
@@ -110,12 +115,32 @@ def _build_sync_bn(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Mod
         return model
     import torch.distributed as dist
 
+    # Every rank must create every group, in the same order.
     groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, info.world_size, group_size)]
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=groups[info.rank // group_size])
+    return sync_batch_norm(model, process_group=groups[info.rank // group_size], device_type=info.device.type)
 
 
+def _load_init_checkpoint(model: nn.Module, path: str, preset_name: str) -> None:
+    """Model weights (only) from a checkpoint.pt written by this trainer."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"--init-checkpoint: no such file {path}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(f"--init-checkpoint: {path} is not a checkpoint.pt of this trainer (no 'model' entry)")
+    if ckpt.get("preset") not in (None, preset_name):
+        raise ConfigError(f"--init-checkpoint: {path} holds preset {ckpt.get('preset')!r}, this run is {preset_name!r}")
+    model.load_state_dict(ckpt["model"], strict=True)
+
+
+@record
 def run_training(cfg: TrainConfig) -> RunResult:
-    """Train to the target (or the epoch limit) and write the MLPerf log. Collective: call on every rank."""
+    """Train to the target (or the epoch limit) and write the MLPerf log. Collective: call on every rank.
+
+    Under torchrun, an exception on any rank is written to torchrun's error file
+    (``@record``), so the launcher names the failing rank and shows its traceback, and
+    stops the other ranks.
+    """
     info = init_distributed(cfg.device, cfg.dist_timeout_s)
     try:
         return _run(cfg, info)
@@ -133,6 +158,10 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
 
     log_file = cfg.resolved_log_file()
     mlog = MLPerfLogger(log_file, rank=info.rank)
+    if mlog.previous_log is not None:
+        say(f"note: the log of an earlier run at {log_file} was kept as {mlog.previous_log}")
+    if info.is_main:
+        move_aside(Path(cfg.resolved_metrics_file()))  # one run per metrics file too
     metrics = MetricsWriter(cfg.resolved_metrics_file(), enabled=info.is_main)
     mlog.event(C.CACHE_CLEAR, cfg.cache_cleared)
     mlog.start(C.INIT_START)
@@ -146,7 +175,9 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
 
     # -- model ---------------------------------------------------------------------------
     model = build_model(preset, pretrained_backbone=cfg.pretrained_backbone)
-    if preset.backbone == "resnet34" and not model.backbone_pretrained:
+    if cfg.init_checkpoint:
+        _load_init_checkpoint(model, cfg.init_checkpoint, preset.name)
+    if preset.backbone == "resnet34" and not model.backbone_pretrained and not cfg.init_checkpoint:
         say("WARNING: the ResNet-34 backbone is RANDOMLY INITIALISED (no --pretrained-backbone). "
             "The benchmark needs ImageNet weights to reach 0.23 mAP: run scripts/get_resnet34_backbone.sh.")
     model = _build_sync_bn(model, cfg, info)
@@ -211,43 +242,38 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     last_ap = float("nan")
     evaluations: list[dict] = []
     skipped = 0
-    train_set = val_set = None
+    data = None
     step = 0
     try:
         # -- data (inside the timed region, as the rules require) --------------------------
         prepare_dataset_dir(cfg, info)
-        train_dir, train_ann = find_coco_split(cfg.data_dir, "train2017")
-        val_dir, val_ann = find_coco_split(cfg.data_dir, "val2017")
-        train_set = CocoDetection(train_dir, train_ann, transform=SSDTrainTransform(preset.input_size, cfg.max_samples),
-                                  skip_empty=True)
-        val_set = CocoDetection(val_dir, val_ann, transform=SSDEvalTransform(preset.input_size),
-                                skip_empty=not cfg.eval_all_images)
-        train_data = _subset(train_set, cfg.max_train_images)
-        val_data = _subset(val_set, cfg.max_eval_images)
-        mlog.event(C.TRAIN_SAMPLES, len(train_data))
-        mlog.event(C.EVAL_SAMPLES, len(val_data))
-        train_loader = build_train_loader(train_data, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
-                                          rank=info.rank, world_size=info.world_size,
-                                          pin_memory=info.device.type == "cuda")
-        eval_loader = build_eval_loader(val_data, cfg.eval_batch_size, num_workers=cfg.num_workers,
-                                        rank=info.rank, world_size=info.world_size,
-                                        persistent_workers=True)
-        evaluator = CocoEvaluator(val_ann) if info.is_main else None
+        data = build_data_pipeline(cfg, input_size=preset.input_size, seed=seed, rank=info.rank,
+                                   world_size=info.world_size, device=info.device)
+        mlog.event(C.TRAIN_SAMPLES, data.train_samples)
+        mlog.event(C.EVAL_SAMPLES, data.eval_samples)
+        evaluator = CocoEvaluator(data.val_annotation_file) if info.is_main else None
         label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
-        steps_per_epoch = len(train_loader) // cfg.gradient_accumulation_steps
+        steps_per_epoch = data.train_steps // cfg.gradient_accumulation_steps
         if steps_per_epoch < 1:
             raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes x accumulation "
-                              f"{cfg.gradient_accumulation_steps} exceeds the {len(train_data)} training images")
+                              f"{cfg.gradient_accumulation_steps} exceeds the {data.train_samples} training images")
         schedule = LRSchedule(lr, cfg.warmup_steps, cfg.warmup_factor, tuple(cfg.lr_decay_epochs),
                               cfg.lr_decay_factor, steps_per_epoch)
         eval_epochs = set(cfg.evaluation_epochs())
-        say(f"train: {len(train_data)} images, {steps_per_epoch} steps/epoch; val: {len(val_data)} images; "
+        say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
+            f"val: {data.eval_samples} images; "
             f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}")
 
-        for epoch in range(1, cfg.epochs + 1):
+        if cfg.eval_only:
+            # No training: one evaluation of the initial (--init-checkpoint) weights, epoch_num 0.
+            last_ap, record_ = _evaluate_and_log(0, detector, data, evaluator, label_to_category, amp, info,
+                                                 channels_last, mlog, metrics, run_start, say, cfg)
+            evaluations.append(record_)
+            status = "success" if last_ap >= cfg.threshold else "aborted"
+        for epoch in range(1, 0 if cfg.eval_only else cfg.epochs + 1):
             mlog.start(C.EPOCH_START, metadata={C.EPOCH_NUM: epoch})
-            train_loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(train_module, optimizer, train_loader, epoch=epoch, num_epochs=cfg.epochs,
+            data.set_epoch(epoch)
+            stats = train_one_epoch(train_module, optimizer, data.train, epoch=epoch, num_epochs=cfg.epochs,
                                     start_step=step, schedule=schedule, amp=amp, scaler=scaler, info=info,
                                     accumulation_steps=cfg.gradient_accumulation_steps,
                                     channels_last=channels_last, log_every=cfg.log_every, metrics=metrics,
@@ -262,19 +288,10 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
                           images_per_s=stats.images * info.world_size / max(stats.seconds, 1e-9))
             if epoch not in eval_epochs:
                 continue
-            mlog.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch})
-            result = evaluate(detector, eval_loader, evaluator, label_to_category, amp=amp, info=info,
-                              channels_last=channels_last)
-            ap = broadcast_float(result.ap, info)
-            mlog.event(C.EVAL_ACCURACY, ap, metadata={C.EPOCH_NUM: epoch})
-            mlog.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch})
+            ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, info,
+                                            channels_last, mlog, metrics, run_start, say, cfg)
             last_ap = ap
-            record = {"epoch": epoch, "ap": ap, "seconds": result.seconds,
-                      "elapsed_s": time.time() - run_start, **{f"coco_{k}": v for k, v in result.stats.items()}}
-            evaluations.append(record)
-            metrics.write(kind="eval", **record)
-            say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
-                f"{result.num_images} images, {result.seconds:.1f} s), target {cfg.threshold}")
+            evaluations.append(record_)
             if ap >= cfg.threshold:
                 status = "success"
                 break
@@ -282,11 +299,14 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
         mlog.end(C.RUN_STOP, metadata={C.STATUS: C.ABORTED, C.EPOCH_NUM: epochs_done})
         mlog.close()
         metrics.close()
+        if data is not None:
+            data.close()
         raise
     mlog.end(C.RUN_STOP, metadata={C.STATUS: status, C.EPOCH_NUM: epochs_done})
     time_to_train = time.time() - run_start
     mlog.close()
     metrics.close()
+    data.close()  # stop loader workers / DALI pipelines before writing the checkpoint
 
     if cfg.save_checkpoint and info.is_main:
         _atomic_torch_save({
@@ -296,7 +316,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
             "config": cfg.to_dict(), "ap": last_ap,
         }, os.path.join(cfg.output_dir, "checkpoint.pt"))
 
-    dataset_stats = dict(getattr(train_set, "stats", {}) or {})
+    barrier()  # no rank leaves (and tears down the process group) while rank 0 still writes
+    dataset_stats = dict(data.stats) if data is not None else {}
     result = RunResult(status=status, epochs=epochs_done, ap=last_ap, time_to_train_s=time_to_train,
                        log_file=log_file, output_dir=cfg.output_dir, evaluations=evaluations,
                        skipped_samples=skipped, dataset_stats=dataset_stats, world_size=info.world_size,
@@ -306,7 +327,21 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     return result
 
 
-def _subset(dataset, limit: int | None):
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return torch.utils.data.Subset(dataset, range(limit))
+def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, info, channels_last, mlog, metrics,
+                      run_start, say, cfg) -> tuple[float, dict]:
+    """One distributed evaluation (every rank infers its shard, rank 0 scores) logged by rank 0;
+    returns rank 0's AP on every rank, so that all ranks take the same stop decision."""
+    mlog.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch})
+    result = evaluate(detector, data.eval, evaluator, label_to_category, amp=amp, info=info,
+                      channels_last=channels_last)
+    ap = broadcast_float(result.ap, info)
+    mlog.event(C.EVAL_ACCURACY, ap, metadata={C.EPOCH_NUM: epoch})
+    mlog.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch})
+    record_ = {"epoch": epoch, "ap": ap, "seconds": result.seconds, "elapsed_s": time.time() - run_start,
+               "num_images": result.num_images, "num_detections": result.num_detections,
+               "images_per_rank": list(getattr(result, "images_per_rank", [])),
+               **{f"coco_{k}": v for k, v in result.stats.items()}}
+    metrics.write(kind="eval", **record_)
+    say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
+        f"{result.num_images} images, {result.seconds:.1f} s), target {cfg.threshold}")
+    return ap, record_

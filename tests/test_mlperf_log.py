@@ -44,3 +44,14 @@ def test_exactly_once_keys_are_guarded(tmp_path):
     log.event(C.EVAL_ACCURACY, 0.1, metadata={C.EPOCH_NUM: 1})
     log.event(C.EVAL_ACCURACY, 0.2, metadata={C.EPOCH_NUM: 2})  # many allowed
     log.close()
+
+
+def test_an_earlier_log_is_kept_aside_not_appended_to(tmp_path):
+    path = tmp_path / "mlperf.log"
+    for seed in (1, 2, 3):
+        log = MLPerfLogger(path, stdout=False)
+        log.event(C.SEED, seed)
+        log.close()
+    assert [r["value"] for r in _lines(path)] == [3]
+    assert [r["value"] for r in _lines(tmp_path / "mlperf.log.1")] == [1]
+    assert [r["value"] for r in _lines(tmp_path / "mlperf.log.2")] == [2]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,6 +21,8 @@ class DetectionBatch:
         orig_sizes (Tensor[B, 2]): original (height, width) of each image, for rescaling.
         valid (Tensor[B]): False for padding samples (so a sharded eval sees each image once).
         skipped (int): samples the loader dropped while building this batch (corrupt files).
+        encoded (tuple[Tensor[B, A, 4], Tensor[B, A]] | None): regression targets and per-default-box
+            labels when the pipeline already encoded them (DALI's box encoder); None otherwise.
     """
 
     images: Tensor
@@ -29,20 +32,33 @@ class DetectionBatch:
     orig_sizes: Tensor
     valid: Tensor
     skipped: int = 0
+    encoded: Optional[tuple[Tensor, Tensor]] = None
+
+    def targets(self) -> dict:
+        """Training targets in the detector's format (see ``detector.Targets``)."""
+        if self.encoded is not None:
+            return {"loc": self.encoded[0], "labels": self.encoded[1]}
+        return {"boxes": self.boxes, "labels": self.labels}
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = True,
            memory_format: torch.memory_format = torch.contiguous_format) -> "DetectionBatch":
+        """Move images and targets to ``device`` (targets in one transfer each, then split)."""
+        counts = [int(b.shape[0]) for b in self.boxes]
+        boxes = list(torch.cat(self.boxes).to(device, non_blocking=non_blocking).split(counts)) if self.boxes else []
+        labels = list(torch.cat(self.labels).to(device, non_blocking=non_blocking).split(counts)) if self.labels else []
         return DetectionBatch(
             images=self.images.to(device, non_blocking=non_blocking, memory_format=memory_format),
-            boxes=[b.to(device, non_blocking=non_blocking) for b in self.boxes],
-            labels=[lb.to(device, non_blocking=non_blocking) for lb in self.labels],
+            boxes=boxes,
+            labels=labels,
             image_ids=self.image_ids,
             orig_sizes=self.orig_sizes,
             valid=self.valid,
             skipped=self.skipped,
+            encoded=None if self.encoded is None else tuple(
+                t.to(device, non_blocking=non_blocking) for t in self.encoded),
         )
 
     def pin_memory(self) -> "DetectionBatch":

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# One timed training run: one process per GPU, then a RESULT line.
+#
+# Runs inside the container (run_with_docker.sh, run.sub) or directly on a host:
+#
+#   set -a; . configs/config_CPU.sh; set +a; scripts/run_and_time.sh [TRAINER FLAGS...]
+#
+# Launch mode, first match wins:
+#   SLURM   SLURM_PROCID is set and SLURM_NTASKS > 1: srun already started one task per
+#           GPU, so this task runs the trainer itself (it reads SLURM_PROCID/NTASKS/LOCALID).
+#   torchrun  DGXNGPU > 1: python -m torch.distributed.run --standalone on this node.
+#   plain   one process.
+# LAUNCHER=slurm|torchrun|python forces one.
+#
+# Environment (the config file sets the first four):
+#   DGXNGPU      processes on this node (GPUs; CPU processes for config_CPU.sh), default 1
+#   DGXNNODES    nodes (checked against SLURM), default 1
+#   EXTRA_PARAMS trainer flags (split on whitespace)
+#   DGXSYSTEM    system name; logged as submission_platform unless MLPERF_SUBMISSION_PLATFORM is set
+#   DATADIR      dataset folder: DATADIR/coco2017 if it exists, else DATADIR itself
+#                (default: <repo>/data; the container gets /data)
+#   LOGDIR       where the MLPerf log and the run's outputs go (default: <repo>/output/results)
+#   RUN_NAME     file name stem of this run (default: a time stamp): writes
+#                LOGDIR/RUN_NAME.log (MLPerf log) and LOGDIR/RUN_NAME/ (config, metrics, checkpoint)
+#   BACKBONE     ImageNet ResNet-34 file for --pretrained-backbone; default: the first of
+#                BACKBONE_DIR/resnet34-backbone.npz, DATADIR/resnet34-backbone.npz that exists;
+#                BACKBONE=none passes nothing
+#   CLEAR_CACHES 1 if the page cache was dropped before this run (logged as cache_clear)
+#   PYTHON       interpreter (default: <repo>/.venv/bin/python if present, else python3)
+# Arguments are passed to the trainer after EXTRA_PARAMS, so they override it.
+#
+# Exit status: the trainer's (0 success, 2 bad input, 3 aborted at the epoch limit,
+# 4 non-finite loss; other values: crash or launcher error). torchrun reports any failure
+# as 1; an aborted run is still told apart (3) through the run's result.json.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+die() { printf 'run_and_time.sh: error: %s\n' "$*" >&2; exit 2; }
+
+DGXNGPU="${DGXNGPU:-1}"
+DGXNNODES="${DGXNNODES:-1}"
+EXTRA_PARAMS="${EXTRA_PARAMS:-}"
+DATADIR="${DATADIR:-${REPO_ROOT}/data}"
+LOGDIR="${LOGDIR:-${REPO_ROOT}/output/results}"
+RUN_NAME="${RUN_NAME:-$(date +%y%m%d%H%M%S)}"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "${REPO_ROOT}/.venv/bin/python" ]]; then PYTHON="${REPO_ROOT}/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+[[ "${DGXNGPU}" =~ ^[1-9][0-9]*$ ]] || die "DGXNGPU must be a positive integer, not '${DGXNGPU}'"
+[[ "${DGXNNODES}" =~ ^[1-9][0-9]*$ ]] || die "DGXNNODES must be a positive integer, not '${DGXNNODES}'"
+[[ "${RUN_NAME}" =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME may hold only letters, digits, '.', '_', '-': '${RUN_NAME}'"
+
+# Dataset: the folder init_datasets.sh filled (holds coco2017/) or a COCO folder itself.
+# With --synthetic (config_CPU.sh) the trainer generates the dataset here if there is none.
+DATASET_DIR="${DATADIR}"
+if [[ -d "${DATADIR}/coco2017" ]]; then DATASET_DIR="${DATADIR}/coco2017"; fi
+
+# Flags may span lines in a config file.
+read -r -a extra_params <<< "${EXTRA_PARAMS//$'\n'/ }"
+
+backbone_args=()
+if [[ -z "${BACKBONE:-}" ]]; then
+    for candidate in ${BACKBONE_DIR:+"${BACKBONE_DIR}/resnet34-backbone.npz"} "${DATADIR}/resnet34-backbone.npz"; do
+        if [[ -f "${candidate}" ]]; then BACKBONE="${candidate}"; break; fi
+    done
+fi
+if [[ -n "${BACKBONE:-}" && "${BACKBONE}" != none ]]; then
+    [[ -f "${BACKBONE}" ]] || die "BACKBONE=${BACKBONE}: no such file"
+    backbone_args=(--pretrained-backbone "${BACKBONE}")
+fi
+
+if [[ -n "${DGXSYSTEM:-}" && -z "${MLPERF_SUBMISSION_PLATFORM:-}" ]]; then
+    export MLPERF_SUBMISSION_PLATFORM="${DGXSYSTEM}"
+fi
+export CLEAR_CACHES="${CLEAR_CACHES:-0}"
+
+if [[ -z "${LAUNCHER:-}" ]]; then
+    if [[ -n "${SLURM_PROCID:-}" && "${SLURM_NTASKS:-1}" -gt 1 ]]; then
+        LAUNCHER=slurm
+    elif [[ "${DGXNGPU}" -gt 1 ]]; then
+        LAUNCHER=torchrun
+    else
+        LAUNCHER=python
+    fi
+fi
+
+RANK0=1
+case "${LAUNCHER}" in
+    slurm)
+        expected=$((DGXNNODES * DGXNGPU))
+        if [[ "${SLURM_NTASKS:-1}" -ne "${expected}" ]]; then
+            die "SLURM started ${SLURM_NTASKS:-1} tasks, the config wants DGXNNODES x DGXNGPU = ${expected}"
+        fi
+        # The trainer's rendezvous: the first node of the allocation (run.sub sets it too).
+        if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol > /dev/null; then
+            MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+            export MASTER_ADDR
+        fi
+        export MASTER_PORT="${MASTER_PORT:-29500}"
+        [[ "${SLURM_PROCID}" -eq 0 ]] || RANK0=0
+        launch=("${PYTHON}" -m single_stage_detector train)
+        ;;
+    torchrun)
+        [[ "${DGXNNODES}" -eq 1 ]] || die "DGXNNODES=${DGXNNODES}: several nodes need SLURM (run.sub); torchrun here is single-node"
+        launch=("${PYTHON}" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "${DGXNGPU}"
+                -m single_stage_detector train)
+        ;;
+    python)
+        [[ "${DGXNGPU}" -eq 1 ]] || die "LAUNCHER=python runs one process, but DGXNGPU=${DGXNGPU}"
+        launch=("${PYTHON}" -m single_stage_detector train)
+        ;;
+    *) die "LAUNCHER must be slurm, torchrun or python, not '${LAUNCHER}'" ;;
+esac
+
+cmd=("${launch[@]}" --data-dir "${DATASET_DIR}" --output-dir "${LOGDIR}/${RUN_NAME}"
+     --log-file "${LOGDIR}/${RUN_NAME}.log" "${backbone_args[@]}" "${extra_params[@]}" "$@")
+
+mkdir -p "${LOGDIR}"
+start=$(date +%s)
+start_fmt=$(date +'%Y-%m-%d %H:%M:%S')
+if [[ "${RANK0}" -eq 1 ]]; then
+    echo "STARTING TIMING RUN AT ${start_fmt}"
+    echo "launcher ${LAUNCHER}: ${DGXNNODES} node(s) x ${DGXNGPU} process(es); MLPerf log ${LOGDIR}/${RUN_NAME}.log"
+    printf 'command:'; printf ' %q' "${cmd[@]}"; printf '\n'
+fi
+
+# The trainer writes result.json at the end of a run that finished (success or aborted).
+result_json="${LOGDIR}/${RUN_NAME}/result.json"
+rm -f "${result_json}"
+
+set +e
+"${cmd[@]}"
+status=$?
+set -e
+# torchrun exits 1 whatever its processes' status was: recover "aborted" (3) from result.json.
+if [[ "${LAUNCHER}" == torchrun && "${status}" -ne 0 && -f "${result_json}" ]] \
+        && grep -Eq '"status": *"aborted"' "${result_json}"; then
+    status=3
+fi
+
+end=$(date +%s)
+if [[ "${RANK0}" -eq 1 ]]; then
+    echo "ENDING TIMING RUN AT $(date +'%Y-%m-%d %H:%M:%S') (exit status ${status})"
+    echo "RESULT,SINGLE_STAGE_DETECTOR,,$((end - start)),${MLPERF_SUBMISSION_ORG:-single_stage_detector},${start_fmt}"
+    case "${status}" in
+        0) ;;
+        2) echo "run_and_time.sh: training refused its input (exit status 2, see the error above)" >&2 ;;
+        3) echo "run_and_time.sh: training stopped at the epoch limit without reaching the target (exit status 3: aborted)" >&2 ;;
+        4) echo "run_and_time.sh: training stopped on a non-finite loss (exit status 4)" >&2 ;;
+        *) echo "run_and_time.sh: training failed (exit status ${status})" >&2 ;;
+    esac
+fi
+exit "${status}"

@@ -1,0 +1,1 @@
+"""Results tooling: log checks, scores, submission packages, plots, detection pictures."""

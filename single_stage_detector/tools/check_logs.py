@@ -1,0 +1,73 @@
+"""``check-logs``: the official MLPerf compliance checker over one log or a folder of logs."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from ..compliance import check_log, default_ruleset, find_logs
+
+RULESETS = ("0.7.0", "1.0.0", "1.1.0")  # the training rulesets under which "ssd" is SSD300-ResNet34
+
+
+def checker_reasons(output: str) -> list[str]:
+    """The compliance checker's reasons, one line each: its WARNING / ERROR lines (but the final
+    verdict), "Failed checks for KEY : CHECK" lines, and the "failed test: ..." line that follows
+    a "CHECK for 'KEY' failed in line N" warning, joined to it."""
+    reasons: list[str] = []
+    for raw in output.splitlines():
+        line = raw.strip()
+        m = re.match(r"^(WARNING|ERROR)\s*-\s*(.*)$", line)
+        if m:
+            text = m.group(2).strip()
+            if text and text not in ("FAILED",) and not text.startswith("Compliance checks"):
+                reasons.append(text)
+        elif line.startswith("Failed checks for"):
+            reasons.append(line)
+        elif line.startswith("failed test:") and reasons:
+            reasons[-1] = f"{reasons[-1].rstrip(':')}: {line}"
+    seen: set[str] = set()
+    return [r for r in reasons if not (r in seen or seen.add(r))]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "check-logs", help="run the official MLPerf compliance checker on MLPerf logs",
+        description="Check each MLPerf log with mlperf_logging.compliance_checker and print pass/fail with the "
+                    "checker's reasons. Exit status 1 if any log fails.")
+    p.add_argument("logs", nargs="+", help="log files, or folders searched for *.log / result_*.txt logs")
+    p.add_argument("--ruleset", choices=RULESETS, default=None,
+                   help="training ruleset (default per log: 1.1.0 for closed logs with the 119 "
+                        "weights_initialization events, else 1.0.0)")
+    p.add_argument("--verbose", action="store_true", help="print the checker's full output for failing logs")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logs = find_logs(args.logs)
+    if not logs:
+        print(f"error: no MLPerf logs found in {' '.join(args.logs)}")
+        return 2
+    report = []
+    for log in logs:
+        ruleset = args.ruleset or default_ruleset(log)
+        res = check_log(log, ruleset)
+        reasons = checker_reasons(res.output) if not res.ok else []
+        if not res.ok and not reasons:
+            reasons = [ln.strip() for ln in res.output.splitlines() if ln.strip()][-3:]
+        report.append({"log": str(log), "ruleset": ruleset, "ok": res.ok, "reasons": reasons, "output": res.output})
+    failed = sum(not r["ok"] for r in report)
+    if args.json:
+        print(json.dumps({"logs": [{k: v for k, v in r.items() if k != "output"} for r in report],
+                          "passed": len(report) - failed, "failed": failed}, indent=2))
+        return 1 if failed else 0
+    for r in report:
+        print(f"{'PASS' if r['ok'] else 'FAIL'}  {r['log']}  (training {r['ruleset']})")
+        for reason in r["reasons"]:
+            print(f"      {reason}")
+        if args.verbose and not r["ok"]:
+            print("      --- checker output ---")
+            print("\n".join("      " + ln for ln in r["output"].splitlines()))
+    print(f"{len(report) - failed} of {len(report)} logs pass the official compliance checker")
+    return 1 if failed else 0

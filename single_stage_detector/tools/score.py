@@ -1,0 +1,150 @@
+"""``score``: time to train of each run, the MLPerf score of a set of runs, and the official RCP check."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from ..compliance import RCP_VERSION, check_rcp, find_logs, read_log
+
+RUNS_PER_SCORE = 5  # SSD: 5 runs, olympic mean (SPEC.md section 8)
+
+
+@dataclass
+class RunSummary:
+    log: str
+    status: str  # run_stop status ("success", "aborted") or "incomplete"
+    converged: bool
+    time_to_train_s: float | None  # run_stop - run_start
+    epochs_to_converge: float | None  # epoch_num of the last eval_accuracy before a successful run_stop
+    best_accuracy: float | None
+    evaluations: int
+    global_batch_size: int | None
+    division: str | None
+    seed: int | None
+    benchmark: str | None
+
+    @property
+    def minutes(self) -> float | None:
+        return None if self.time_to_train_s is None else self.time_to_train_s / 60.0
+
+
+def summarize_run(log_file) -> RunSummary:
+    records = read_log(log_file)
+
+    def first(key):
+        return next((r for r in records if r.key == key), None)
+
+    start, stop = first("run_start"), first("run_stop")
+    status = "incomplete" if stop is None else str(stop.metadata.get("status", "missing"))
+    evals = [r for r in records if r.key == "eval_accuracy"]
+    before_stop = [r for r in evals if stop is None or r.time_ms <= stop.time_ms]
+    converged = status == "success"
+    epochs = before_stop[-1].metadata.get("epoch_num") if converged and before_stop else None
+    values = [r.value for r in evals if isinstance(r.value, (int, float))]
+    value = lambda key: first(key).value if first(key) is not None else None  # noqa: E731
+    return RunSummary(
+        log=str(log_file), status=status, converged=converged,
+        time_to_train_s=(stop.time_ms - start.time_ms) / 1000.0 if start is not None and stop is not None else None,
+        epochs_to_converge=epochs, best_accuracy=max(values) if values else None, evaluations=len(evals),
+        global_batch_size=value("global_batch_size"), division=value("submission_division"), seed=value("seed"),
+        benchmark=value("submission_benchmark"))
+
+
+@dataclass
+class Score:
+    minutes: float | None  # None: no score (too few runs converged)
+    runs: int
+    converged: int
+    dropped: list[str] = field(default_factory=list)  # logs left out of the mean
+    note: str = ""
+
+
+def olympic_score(runs: list[RunSummary]) -> Score:
+    """MLPerf score: drop the fastest and the slowest run, mean of the rest, minutes.
+
+    A run that did not converge counts as infinitely slow (it is the slowest, dropped); with
+    more than one such run there is no score. The mean itself is the official result
+    summarizer's ``_compute_olympic_average``.
+    """
+    from mlperf_logging.result_summarizer.result_summarizer import _compute_olympic_average
+
+    ok = [r for r in runs if r.converged and r.time_to_train_s is not None]
+    not_ok = [r for r in runs if r not in ok]
+    n_conv = len(ok)
+    note = ""
+    if len(runs) != RUNS_PER_SCORE:
+        note = f"an MLPerf score needs {RUNS_PER_SCORE} runs, got {len(runs)}"
+    if len(not_ok) > 1 or len(runs) < 3:
+        reason = (f"{len(not_ok)} of {len(runs)} runs did not converge (at most 1 may be dropped)"
+                  if len(not_ok) > 1 else f"{len(runs)} runs: need at least 3")
+        return Score(None, len(runs), n_conv, [r.log for r in not_ok], "; ".join(x for x in (note, reason) if x))
+    ordered = sorted(ok, key=lambda r: r.time_to_train_s)
+    dropped = [r.log for r in not_ok]
+    minutes = [r.minutes for r in ordered]
+    mean = _compute_olympic_average(list(minutes), len(not_ok), 1)
+    # The fastest is always dropped; the slowest too unless a non-converged run took its place.
+    dropped = [ordered[0].log] + ([ordered[-1].log] if not not_ok else []) + dropped
+    return Score(mean, len(runs), n_conv, dropped, note)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "score", help="time to train per run, MLPerf score (olympic mean of 5) and the official RCP check",
+        description="Per run: time to train (run_stop - run_start), converged or not, epochs to converge. "
+                    "For the set: the MLPerf score (5 runs, drop fastest and slowest, mean of the rest, "
+                    "minutes) and the official RCP check (mlperf_logging.rcp_checker) for the global batch size.")
+    p.add_argument("logs", nargs="+", help="log files, or folders searched for *.log / result_*.txt logs")
+    p.add_argument("--rcp-version", default=RCP_VERSION, help="RCP version (training_X RCP tables of mlperf_logging)")
+    p.add_argument("--no-rcp", action="store_true", help="skip the RCP check")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=run)
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    logs = find_logs(args.logs)
+    if not logs:
+        print(f"error: no MLPerf logs found in {' '.join(args.logs)}")
+        return 2
+    runs = [summarize_run(f) for f in logs]
+    score = olympic_score(runs)
+    rcp = None if args.no_rcp else check_rcp(logs, args.rcp_version)
+    batch_sizes = sorted({r.global_batch_size for r in runs if r.global_batch_size is not None})
+    if args.json:
+        out = {
+            "runs": [{**asdict(r), "minutes": r.minutes} for r in runs],
+            "score_minutes": score.minutes, "score_runs": score.runs, "converged_runs": score.converged,
+            "dropped": score.dropped, "note": score.note, "global_batch_size": batch_sizes,
+            "rcp": None if rcp is None else {"version": args.rcp_version, "passed": rcp.ok, "message": rcp.message},
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    common = os.path.commonpath([os.path.abspath(r.log) for r in runs]) if len(runs) > 1 else ""
+    name = lambda r: os.path.relpath(os.path.abspath(r.log), common) if common else r.log  # noqa: E731
+    width = max(12, *(len(name(r)) for r in runs))
+    print(f"{'run':<{width}}  {'status':<10} {'converged':<9} {'seconds':>9} {'minutes':>8} {'epochs':>6} "
+          f"{'best acc':>8} {'batch':>6} {'seed':>10}")
+    for r in runs:
+        print(f"{name(r):<{width}}  {r.status:<10} {'yes' if r.converged else 'no':<9} "
+              f"{_fmt(r.time_to_train_s, '.1f'):>9} {_fmt(r.minutes, '.3f'):>8} {_fmt(r.epochs_to_converge, 'g'):>6} "
+              f"{_fmt(r.best_accuracy, '.4f'):>8} {_fmt(r.global_batch_size, 'd'):>6} {_fmt(r.seed, 'd'):>10}")
+    if common:
+        print(f"(runs under {common})")
+    if score.minutes is not None:
+        print(f"MLPerf score: {score.minutes:.4f} minutes (olympic mean of {score.runs} runs, "
+              f"{len(score.dropped)} dropped)")
+    else:
+        print("MLPerf score: none")
+    if score.note:
+        print(f"note: {score.note}")
+    if rcp is not None:
+        bs = ", ".join(map(str, batch_sizes)) or "?"
+        print(f"RCP check (rcp_checker --rcp_version {args.rcp_version}, global batch size {bs}): "
+              f"{'PASSED' if rcp.ok else 'FAILED'}: {rcp.message}")
+    return 0

@@ -1,0 +1,19 @@
+"""The benchmark command prints an images/s table naming device, preset and batch size."""
+import re
+import subprocess
+import sys
+
+
+def test_benchmark_prints_a_table(small_coco, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "single_stage_detector", "benchmark", "--preset", "ssd_tiny", "--batch-size", "4",
+         "--warmup", "1", "--iters", "2", "--num-workers", "0", "--data-dir", str(small_coco)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "device: CPU" in out and "preset ssd_tiny" in out and "batch 4" in out
+    rows = [ln for ln in out.splitlines() if re.search(r"\s4\s+[\d.]+\s+[\d.]+$", ln)]
+    parts = " ".join(rows)
+    assert "train step" in parts and "inference" in parts and "data pipeline" in parts
+    for ln in rows:
+        assert float(ln.split()[-1]) > 0

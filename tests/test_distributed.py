@@ -1,0 +1,279 @@
+"""Distributed training and evaluation on CPU (gloo), launched with torchrun as in production.
+
+* 2 processes x batch 4 (SyncBatchNorm over both, bn_span 8) end with the same weights as
+  1 process x batch 8, given the same data order (augmentation off);
+* evaluation of a fixed checkpoint with 1, 2 and 3 processes: same AP, every image once;
+* the 2-process MLPerf log passes the official checker, each key once (rank 0 only);
+* gradient accumulation 2 x batch B == batch 2B (BN statistics frozen, see docs/DISTRIBUTED.md);
+* one failing rank ends the whole launch, non-zero, within a bounded time;
+* SLURM node-list parsing, launcher environment, sharded sampling.
+"""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from single_stage_detector.compliance import check_log
+from single_stage_detector.data.coco import COCO_CATEGORY_IDS, CocoDetection, find_coco_split
+from single_stage_detector.data.loader import build_train_loader, collate_detection
+from single_stage_detector.data.synthetic import ensure_synthetic_coco
+from single_stage_detector.data.transforms import SSDEvalTransform
+from single_stage_detector.detector import SSDDetector
+from single_stage_detector.distributed import DistInfo, expand_slurm_nodelist, first_slurm_host, launch_env
+from single_stage_detector.engine import AmpSettings, LRSchedule, train_one_epoch
+from single_stage_detector.models import build_model, get_preset
+
+NUM_TRAIN, NUM_VAL = 16, 10
+COMMON = ["--preset", "ssd_tiny", "--device", "cpu", "--amp", "off", "--num-workers", "0", "--seed", "11",
+          "--no-augment", "--warmup-steps", "0", "--base-lr", "0.04", "--epochs", "1", "--log-every", "1",
+          "--max-train-images", str(NUM_TRAIN), "--eval-batch-size", "4", "--dist-timeout-s", "60"]
+EXACTLY_ONCE = ("submission_benchmark", "submission_org", "submission_division", "submission_status",
+                "submission_platform", "init_stop", "run_start", "run_stop", "train_samples", "eval_samples",
+                "seed", "global_batch_size", "opt_base_learning_rate", "opt_weight_decay", "model_bn_span",
+                "opt_learning_rate_warmup_steps", "opt_learning_rate_warmup_factor", "max_samples",
+                "opt_learning_rate_decay_boundary_epochs", "gradient_accumulation_steps")
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_coco")
+    ensure_synthetic_coco(root, num_train=NUM_TRAIN + 4, num_val=NUM_VAL, seed=7)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                      "MASTER_PORT", "SSD_FAULT_INJECT_RANK")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _launch(nproc: int, args: list[str], cwd, timeout: float = 240, **env) -> subprocess.CompletedProcess:
+    """``python -m single_stage_detector train ARGS`` on 1 process, or under torchrun on ``nproc``."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "single_stage_detector", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "single_stage_detector", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=_clean_env(**env))
+
+
+def _mllog(path):
+    return [json.loads(line.split(" ", 1)[1]) for line in path.read_text().splitlines() if line.startswith(":::MLLOG")]
+
+
+def _model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _assert_same_weights(a: dict, b: dict, atol=2e-5, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# -- launch environment -------------------------------------------------------------------
+def test_slurm_nodelist_parser():
+    assert expand_slurm_nodelist("node[01-04,07],gpu5") == ["node01", "node02", "node03", "node04", "node07", "gpu5"]
+    assert first_slurm_host("node[01-04,07],gpu5") == "node01"
+    assert first_slurm_host("gpu5,node[01-04]") == "gpu5"
+    assert first_slurm_host("dgx-a100-[009-012]") == "dgx-a100-009"
+    assert first_slurm_host("single") == "single"
+    assert expand_slurm_nodelist("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
+    assert expand_slurm_nodelist("a[3],b[10-11]-ib") == ["a3", "b10-ib", "b11-ib"]
+    for bad in ("node[01-04", "node]", "node[4-1]"):
+        with pytest.raises(ValueError):
+            expand_slurm_nodelist(bad)
+
+
+def test_launch_env_torchrun_slurm_and_single():
+    env = launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "h0", "MASTER_PORT": "1234",
+                      "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == \
+        ("torchrun", 3, 8, 3, "h0", 1234)  # torchrun wins over an enclosing SLURM allocation
+    env = launch_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1",
+                      "SLURM_JOB_NODELIST": "node[01-04,07],gpu5", "SLURM_STEP_NODELIST": "node[02-03]",
+                      "SLURM_JOB_ID": "123456"})
+    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == \
+        ("slurm", 9, 16, 1, "node02", 29500 + 456)
+    env = launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "gpu5", "MASTER_PORT": "4000"})
+    assert (env.world_size, env.master_addr, env.master_port) == (2, "gpu5", 4000)
+    env = launch_env({})
+    assert (env.launcher, env.rank, env.world_size) == ("none", 0, 1)
+
+
+def test_sharded_sampling_disjoint_reshuffled_and_world_size_independent():
+    n, seed = 50, 5
+    data = list(range(n))
+
+    def shard(rank, world, epoch):
+        loader = build_train_loader(data, 4, num_workers=0, seed=seed, rank=rank, world_size=world)
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler), len(loader)
+
+    for world in (2, 3):
+        for epoch in (1, 2):
+            shards = [shard(r, world, epoch) for r in range(world)]
+            idx = [s for s, _ in shards]
+            assert len({len(s) for s in idx}) == 1 and len({steps for _, steps in shards}) == 1  # same epoch length
+            flat = [i for s in idx for i in s]
+            assert len(flat) == len(set(flat)) == (n // world) * world  # disjoint
+            # Interleaving the shards gives the single-process order: global batches do not
+            # depend on the number of processes.
+            single = shard(0, 1, epoch)[0]
+            assert [idx[k % world][k // world] for k in range(len(flat))] == single[:len(flat)]
+        assert shard(0, world, 1)[0] != shard(0, world, 2)[0]  # reshuffled every epoch
+
+
+# -- 1 process vs 2 processes, distributed evaluation, log -----------------------------------
+@pytest.fixture(scope="module")
+def runs(coco, tmp_path_factory):
+    """One process x batch 8 and two processes x batch 4 (bn_span 8), one epoch each."""
+    tmp = tmp_path_factory.mktemp("dist_runs")
+    one = _launch(1, [*COMMON, "--data-dir", str(coco), "--output-dir", str(tmp / "w1"), "--batch-size", "8",
+                      "--eval-start", "2"], tmp)  # no evaluation: only the weights are compared
+    assert one.returncode == 3, one.stdout[-2000:] + one.stderr[-3000:]
+    two = _launch(2, [*COMMON, "--data-dir", str(coco), "--output-dir", str(tmp / "w2"), "--batch-size", "4",
+                      "--bn-span", "8", "--eval-every", "1"], tmp)
+    assert two.returncode != 0 and "status            aborted" in two.stdout, two.stdout[-2000:] + two.stderr[-4000:]
+    return tmp, one, two
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    tmp, _, _ = runs
+    cfg1 = json.loads((tmp / "w1" / "config.json").read_text())["derived"]
+    cfg2 = json.loads((tmp / "w2" / "config.json").read_text())["derived"]
+    assert (cfg1["world_size"], cfg2["world_size"]) == (1, 2)
+    assert cfg1["global_batch_size"] == cfg2["global_batch_size"] == 8
+    assert cfg1["learning_rate"] == cfg2["learning_rate"] == pytest.approx(0.04 * 8 / 32)  # LR from the global batch
+    assert cfg2["bn_span"] == 8
+    w1, w2 = _model_state(tmp / "w1" / "checkpoint.pt"), _model_state(tmp / "w2" / "checkpoint.pt")
+    init = build_model(get_preset("ssd_tiny")).state_dict()
+    assert any(not torch.allclose(init[k].float(), w1[k].float()) for k in init if "running" not in k)  # it trained
+    _assert_same_weights(w1, w2)  # includes the BN running statistics (SyncBatchNorm over both ranks)
+
+
+def test_two_process_log_is_rank0_only_and_compliant(runs):
+    tmp, _, two = runs
+    log = tmp / "w2" / "mlperf.log"
+    recs = _mllog(log)
+    keys = [r["key"] for r in recs]
+    for key in EXACTLY_ONCE:
+        assert keys.count(key) == 1, key
+    triples = [(r["key"], json.dumps(r["value"]), json.dumps(r.get("metadata", {}).get("epoch_num"))) for r in recs]
+    assert len(triples) == len(set(triples)), "duplicated MLPerf lines"
+    assert next(r for r in recs if r["key"] == "model_bn_span")["value"] == 8
+    assert next(r for r in recs if r["key"] == "global_batch_size")["value"] == 8
+    assert two.stdout.count(":::MLLOG") == len(recs)  # rank 1 echoes nothing either
+    assert two.stdout.count("epoch 1/1 step 1/2 ") == 1  # progress printed by rank 0 only
+    res = check_log(log, "1.0.0")
+    assert res.ok, res.output
+    ev = json.loads((tmp / "w2" / "result.json").read_text())["evaluations"][0]
+    assert ev["images_per_rank"] == [5, 5] and ev["num_images"] == NUM_VAL
+
+
+def _craft_checkpoint(src, dst, coco):
+    """A checkpoint whose class scores pass the 0.05 threshold for the classes in val,
+    so the evaluation has many detections and a non-zero AP that depends on every image."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ann = json.loads(find_coco_split(coco, "val2017")[1].read_text())
+    labels = sorted({COCO_CATEGORY_IDS.index(a["category_id"]) + 1 for a in ann["annotations"]})
+    for k, v in ckpt["model"].items():
+        if k.startswith("heads.") and k.endswith(".bias"):
+            b = v.view(-1, 4 + 81)
+            b[:, 4] -= 6.0
+            b[:, [4 + lab for lab in labels]] += 3.0
+    torch.save(ckpt, dst)
+
+
+def test_distributed_evaluation_same_ap_each_image_once(runs, coco):
+    tmp, _, _ = runs
+    ckpt = tmp / "eval.pt"
+    _craft_checkpoint(tmp / "w1" / "checkpoint.pt", ckpt, coco)
+    results = {}
+    for nproc in (1, 2, 3):
+        out = tmp / f"eval{nproc}"
+        proc = _launch(nproc, [*COMMON, "--data-dir", str(coco), "--output-dir", str(out), "--batch-size", "4",
+                               "--eval-only", "--init-checkpoint", str(ckpt), "--no-save-checkpoint",
+                               "--threshold", "1e-6"], tmp)  # reached: status success, exit 0 on every rank
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        results[nproc] = json.loads((out / "result.json").read_text())["evaluations"]
+    shards = {1: [10], 2: [5, 5], 3: [4, 3, 3]}
+    for nproc, evs in results.items():
+        assert len(evs) == 1
+        ev = evs[0]
+        assert ev["epoch"] == 0 and ev["images_per_rank"] == shards[nproc] and ev["num_images"] == NUM_VAL
+    ref = results[1][0]
+    assert ref["ap"] > 0 and ref["num_detections"] > NUM_VAL
+    for nproc in (2, 3):
+        ev = results[nproc][0]
+        assert ev["num_detections"] == ref["num_detections"]
+        for k in ref:
+            if k.startswith("coco_"):
+                assert ev[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-9), k
+
+
+# -- gradient accumulation ------------------------------------------------------------------
+class _FrozenBNStats(SSDDetector):
+    """BN layers use their running statistics in training mode (their affine weights still train)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+def test_gradient_accumulation_matches_the_large_batch(coco):
+    preset = get_preset("ssd_tiny")
+    image_dir, ann = find_coco_split(coco, "train2017")
+    ds = CocoDetection(image_dir, ann, transform=SSDEvalTransform(preset.input_size), skip_empty=True)
+    samples = [ds[i] for i in range(16)]
+    torch.manual_seed(0)
+    base = _FrozenBNStats(build_model(preset), preset.box_spec)
+    runs = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        det = copy.deepcopy(base)
+        opt = torch.optim.SGD(det.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        loader = [collate_detection(samples[i:i + batch]) for i in range(0, 16, batch)]
+        stats = train_one_epoch(det, opt, loader, epoch=1, num_epochs=1, start_step=0,
+                                schedule=LRSchedule(0.01, 0, 0.0, (), 0.1, 2), amp=AmpSettings.resolve("off", torch.device("cpu")),
+                                scaler=None, info=DistInfo(), accumulation_steps=accum, log_every=100,
+                                steps_per_epoch=2)
+        assert stats.steps == 2 and stats.images == 16
+        runs[(batch, accum)] = det.state_dict()
+    assert any(not torch.equal(base.state_dict()[k], runs[(8, 1)][k]) for k in runs[(8, 1)])
+    _assert_same_weights(runs[(8, 1)], runs[(4, 2)], atol=1e-6, rtol=1e-5)
+
+
+# -- failure of one rank --------------------------------------------------------------------
+def test_one_failing_rank_ends_the_launch(coco, tmp_path):
+    t0 = time.monotonic()
+    proc = _launch(2, [*COMMON, "--data-dir", str(coco), "--output-dir", str(tmp_path / "fault"), "--batch-size", "4",
+                       "--eval-start", "2"], tmp_path, timeout=180, SSD_FAULT_INJECT_RANK="1")
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "fault injected on rank 1 at step 1" in out, out[-4000:]
+    assert elapsed < 150
+    recs = _mllog(tmp_path / "fault" / "mlperf.log")
+    assert [r["metadata"]["status"] for r in recs if r["key"] == "run_stop"] in ([], ["aborted"])
