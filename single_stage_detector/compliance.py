@@ -47,7 +47,7 @@ def check_log(log_file: str | os.PathLike, ruleset: str = "1.0.0", usage: str = 
 import json as _json
 from pathlib import Path as _Path
 
-__all__ += ["LogRecord", "read_log", "find_logs", "default_ruleset", "RCP_VERSION", "CheckerRun",
+__all__ += ["LogRecord", "read_log", "find_logs", "require_logs", "default_ruleset", "RCP_VERSION", "CheckerRun",
             "check_rcp", "check_package", "NUM_REFERENCE_WEIGHTS"]
 
 _TOKEN = ":::MLLOG"
@@ -92,6 +92,21 @@ def _is_mlperf_log(path: _Path) -> bool:
     except OSError:
         return False
     return _TOKEN in head
+
+
+def require_logs(paths) -> list[_Path]:
+    """:func:`find_logs`, but a :class:`~single_stage_detector.config.ConfigError` (exit status 2
+    with one line on stderr from the CLI) when nothing is found."""
+    from .config import ConfigError
+
+    try:
+        logs = find_logs(paths)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if not logs:
+        names = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+        raise ConfigError(f"no MLPerf logs found in {' '.join(names)}")
+    return logs
 
 
 def find_logs(paths) -> list[_Path]:

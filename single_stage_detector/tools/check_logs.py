@@ -5,7 +5,7 @@ import argparse
 import json
 import re
 
-from ..compliance import check_log, default_ruleset, find_logs
+from ..compliance import check_log, default_ruleset, require_logs
 
 RULESETS = ("0.7.0", "1.0.0", "1.1.0")  # the training rulesets under which "ssd" is SSD300-ResNet34
 
@@ -45,10 +45,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = find_logs(args.logs)
-    if not logs:
-        print(f"error: no MLPerf logs found in {' '.join(args.logs)}")
-        return 2
+    logs = require_logs(args.logs)
     report = []
     for log in logs:
         ruleset = args.ruleset or default_ruleset(log)

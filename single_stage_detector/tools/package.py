@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..compliance import check_package, default_ruleset, find_logs, read_log
+from ..compliance import check_package, default_ruleset, read_log, require_logs
 from .score import olympic_score, summarize_run
 
 TEMPLATE = Path(__file__).with_name("system_template.json")
@@ -165,10 +165,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = find_logs(args.logs)
-    if not logs:
-        print(f"error: no MLPerf logs found in {' '.join(args.logs)}")
-        return 2
+    logs = require_logs(args.logs)
     if len(logs) != 5:
         print(f"warning: {len(logs)} logs; an SSD submission has exactly 5 (the package checker will say so)")
     ruleset = args.ruleset or min(default_ruleset(f) for f in logs)

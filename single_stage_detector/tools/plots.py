@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..compliance import find_logs, read_log
+from ..compliance import read_log, require_logs
 
 DPI = 100
 SIZES = {"metrics_vs_time.png": (12, 8), "metrics_vs_epoch.png": (12, 8), "loss_map.png": (10, 4),
@@ -212,10 +212,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = find_logs(args.logs)
-    if not logs:
-        print(f"error: no MLPerf logs found in {' '.join(args.logs)}")
-        return 2
+    logs = require_logs(args.logs)
     if args.metrics and len(logs) > 1:
         print("error: --metrics names the metrics of one log; got several logs")
         return 2

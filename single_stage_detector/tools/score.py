@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from ..compliance import RCP_VERSION, check_rcp, find_logs, read_log
+from ..compliance import RCP_VERSION, check_rcp, read_log, require_logs
 
 RUNS_PER_SCORE = 5  # SSD: 5 runs, olympic mean (SPEC.md section 8)
 
@@ -108,10 +108,7 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = find_logs(args.logs)
-    if not logs:
-        print(f"error: no MLPerf logs found in {' '.join(args.logs)}")
-        return 2
+    logs = require_logs(args.logs)
     runs = [summarize_run(f) for f in logs]
     score = olympic_score(runs)
     rcp = None if args.no_rcp else check_rcp(logs, args.rcp_version)
