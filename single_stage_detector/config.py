@@ -37,6 +37,8 @@ class TrainConfig:
     output_dir: str = _f("output/run", "folder for the resolved config, metrics, checkpoint")
     log_file: Optional[str] = _f(None, "MLPerf log path (default: OUTPUT_DIR/mlperf.log)")
     metrics_file: Optional[str] = _f(None, "per-step metrics JSON lines (default: OUTPUT_DIR/metrics.jsonl)")
+    tensorboard_dir: Optional[str] = _f(
+        None, "also write TensorBoard scalars (loss, LR, images/s, mAP) there; needs `pip install tensorboard`")
     save_checkpoint: bool = _f(True, "write OUTPUT_DIR/checkpoint.pt (atomically) at the end of the run")
 
     # -- batch and optimiser -----------------------------------------------------------

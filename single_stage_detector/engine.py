@@ -109,24 +109,57 @@ class EpochStats:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line (steps, evaluations) for plots and dashboards; rank 0 only."""
+    """Appends one JSON object per line (steps, epochs, evaluations) for plots; rank 0 only.
 
-    def __init__(self, path: str | None, enabled: bool = True) -> None:
+    With ``tensorboard_dir`` the same numbers also go to TensorBoard scalars
+    (``train/*`` by optimiser step, ``epoch/*`` and ``eval/*`` by epoch). TensorBoard is an
+    optional dependency (``pip install tensorboard``), imported only when asked for.
+    """
+
+    def __init__(self, path: str | None, enabled: bool = True, tensorboard_dir: str | None = None) -> None:
         self._fh: TextIO | None = None
+        self._tb = None
+        if enabled and tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from .config import ConfigError
+
+                raise ConfigError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
+            self._tb = SummaryWriter(log_dir=tensorboard_dir)
         if path and enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._fh = open(path, "a", encoding="utf-8")
 
     def write(self, **record) -> None:
+        record.setdefault("time", time.time())
         if self._fh is not None:
-            record.setdefault("time", time.time())
             self._fh.write(json.dumps(record) + "\n")
             self._fh.flush()
+        if self._tb is not None:
+            self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict) -> None:
+        kind = record.get("kind")
+        if kind == "train":
+            scalars, step, prefix = record, record["step"], "train"
+        elif kind in ("epoch", "eval"):
+            scalars, step, prefix = record, record["epoch"], kind
+        else:
+            return
+        for key, value in scalars.items():
+            if key in ("kind", "time", "step", "epoch") or not isinstance(value, (int, float)):
+                continue
+            self._tb.add_scalar(f"{prefix}/{key}", value, global_step=step, walltime=record["time"])
+        self._tb.flush()
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def _printer(info: DistInfo) -> Callable[[str], None]:

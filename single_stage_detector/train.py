@@ -162,7 +162,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
         say(f"note: the log of an earlier run at {log_file} was kept as {mlog.previous_log}")
     if info.is_main:
         move_aside(Path(cfg.resolved_metrics_file()))  # one run per metrics file too
-    metrics = MetricsWriter(cfg.resolved_metrics_file(), enabled=info.is_main)
+    metrics = MetricsWriter(cfg.resolved_metrics_file(), enabled=info.is_main, tensorboard_dir=cfg.tensorboard_dir)
     mlog.event(C.CACHE_CLEAR, cfg.cache_cleared)
     mlog.start(C.INIT_START)
 

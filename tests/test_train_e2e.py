@@ -93,3 +93,23 @@ def test_demo_reaches_its_target_and_passes_the_checker(tmp_path):
     for ruleset in ("1.0.0", "0.7.0"):
         res = check_log(out / "mlperf.log", ruleset)
         assert res.ok, res.output
+
+
+def test_tensorboard_sink_gets_the_same_numbers(small_coco, tmp_path):
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                 reason="tensorboard is in the test extras")
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    proc = _train(["train", "--preset", "ssd_tiny", "--data-dir", str(small_coco), "--output-dir", str(out),
+                   "--batch-size", "8", "--eval-batch-size", "8", "--epochs", "1", "--eval-every", "1",
+                   "--num-workers", "0", "--log-every", "2", "--seed", "2", "--no-save-checkpoint",
+                   "--tensorboard-dir", str(tb)], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    acc = ea_mod.EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "eval/ap", "eval/coco_AP50", "epoch/seconds"} <= tags
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert [e.value for e in acc.Scalars("eval/ap")] == pytest.approx([e["ap"] for e in evals])
+    train_losses = [m["loss"] for m in metrics if m["kind"] == "train"]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(train_losses, rel=1e-6)
