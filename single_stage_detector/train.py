@@ -133,6 +133,60 @@ def _load_init_checkpoint(model: nn.Module, path: str, preset_name: str) -> None
     model.load_state_dict(ckpt["model"], strict=True)
 
 
+@dataclass
+class _ModelParts:
+    model: nn.Module          # the SSD network (parameters named as the checkpoint stores them)
+    detector: SSDDetector     # network + box coder + loss + post-processing; used for evaluation
+    train_module: nn.Module   # what the training step calls: the detector, maybe DDP- and compile-wrapped
+    amp: AmpSettings
+    channels_last: bool
+
+
+def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
+    """The model of ``preset`` with its weights, BN mode, device, memory format and wrappers."""
+    model = build_model(preset, pretrained_backbone=cfg.pretrained_backbone)
+    if cfg.init_checkpoint:
+        _load_init_checkpoint(model, cfg.init_checkpoint, preset.name)
+    if preset.backbone == "resnet34" and not model.backbone_pretrained and not cfg.init_checkpoint:
+        say("WARNING: the ResNet-34 backbone is RANDOMLY INITIALISED (no --pretrained-backbone). "
+            "The benchmark needs ImageNet weights to reach 0.23 mAP: run scripts/get_resnet34_backbone.sh.")
+    model = _build_sync_bn(model, cfg, info)
+    detector = SSDDetector(model, preset.box_spec).to(info.device)
+    amp = AmpSettings.resolve(cfg.amp, info.device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
+    if channels_last:
+        detector = detector.to(memory_format=torch.channels_last)
+    train_module: nn.Module = detector
+    if info.distributed:
+        train_module = nn.parallel.DistributedDataParallel(
+            detector, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if cfg.compile:
+        train_module = torch.compile(train_module)
+    return _ModelParts(model, detector, train_module, amp, channels_last)
+
+
+def _derived_settings(cfg: TrainConfig, info: DistInfo, division: str, seed: int, global_batch: int, lr: float,
+                      amp: AmpSettings, channels_last: bool, model: nn.Module, log_file: str) -> dict:
+    """The values the run computed from its flags and its launch (recorded in config.json)."""
+    return {
+        "division": division, "seed": seed, "world_size": info.world_size, "device": str(info.device),
+        "global_batch_size": global_batch, "learning_rate": lr, "bn_span": cfg.resolved_bn_span(),
+        "amp": str(amp.dtype).replace("torch.", "") if amp.enabled else "off (fp32)",
+        "channels_last": channels_last, "evaluation_epochs": cfg.evaluation_epochs(),
+        "parameters": count_parameters(model), "backbone_pretrained": getattr(model, "backbone_pretrained", False),
+        "log_file": log_file,
+    }
+
+
+def _resolved_config(cfg: TrainConfig, derived: dict) -> dict:
+    return {
+        "config": cfg.to_dict(),
+        "derived": derived,
+        "versions": {"single_stage_detector": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+
+
 @record
 def run_training(cfg: TrainConfig) -> RunResult:
     """Train to the target (or the epoch limit) and write the MLPerf log. Collective: call on every rank.
@@ -173,26 +227,9 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     # Same model init on every rank; data order/augmentation differ by rank through the loaders.
     seed_everything(seed)
 
-    # -- model ---------------------------------------------------------------------------
-    model = build_model(preset, pretrained_backbone=cfg.pretrained_backbone)
-    if cfg.init_checkpoint:
-        _load_init_checkpoint(model, cfg.init_checkpoint, preset.name)
-    if preset.backbone == "resnet34" and not model.backbone_pretrained and not cfg.init_checkpoint:
-        say("WARNING: the ResNet-34 backbone is RANDOMLY INITIALISED (no --pretrained-backbone). "
-            "The benchmark needs ImageNet weights to reach 0.23 mAP: run scripts/get_resnet34_backbone.sh.")
-    model = _build_sync_bn(model, cfg, info)
-    detector = SSDDetector(model, preset.box_spec).to(info.device)
-    amp = AmpSettings.resolve(cfg.amp, info.device)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
-    if channels_last:
-        detector = detector.to(memory_format=torch.channels_last)
-    train_module: nn.Module = detector
-    if info.distributed:
-        train_module = nn.parallel.DistributedDataParallel(
-            detector, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if cfg.compile:
-        train_module = torch.compile(train_module)
-
+    # -- model, optimiser --------------------------------------------------------------------
+    m = _build_model(cfg, preset, info, say)
+    model, detector, train_module, amp, channels_last = m.model, m.detector, m.train_module, m.amp, m.channels_last
     global_batch = cfg.global_batch_size(info.world_size)
     lr = cfg.learning_rate(info.world_size)
     optimizer = torch.optim.SGD(detector.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -213,25 +250,12 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     if preset.is_benchmark:
         mlog.weights_initialization(list(mlperf_tensor_names(model).values()))
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    resolved = {
-        "config": cfg.to_dict(),
-        "derived": {
-            "division": division, "seed": seed, "world_size": info.world_size, "device": str(info.device),
-            "global_batch_size": global_batch, "learning_rate": lr, "bn_span": cfg.resolved_bn_span(),
-            "amp": str(amp.dtype).replace("torch.", "") if amp.enabled else "off (fp32)",
-            "channels_last": channels_last, "evaluation_epochs": cfg.evaluation_epochs(),
-            "parameters": count_parameters(model), "backbone_pretrained": model.backbone_pretrained,
-            "log_file": log_file,
-        },
-        "versions": {"single_stage_detector": __version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-    }
+    derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, channels_last, model, log_file)
     if info.is_main:
-        _write_json_atomic(resolved, os.path.join(cfg.output_dir, "config.json"))
+        _write_json_atomic(_resolved_config(cfg, derived), os.path.join(cfg.output_dir, "config.json"))
     say(f"preset {preset.name}: {count_parameters(model) / 1e6:.2f} M parameters, input {preset.input_size}, "
         f"{preset.box_spec.num_boxes} default boxes; device {info.device} x {info.world_size}, "
-        f"amp {resolved['derived']['amp']}, global batch {global_batch}, lr {lr:.4g}, division {division}")
+        f"amp {derived['amp']}, global batch {global_batch}, lr {lr:.4g}, division {division}")
 
     mlog.end(C.INIT_STOP)
     barrier()
