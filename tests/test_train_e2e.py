@@ -113,3 +113,20 @@ def test_tensorboard_sink_gets_the_same_numbers(small_coco, tmp_path):
     assert [e.value for e in acc.Scalars("eval/ap")] == pytest.approx([e["ap"] for e in evals])
     train_losses = [m["loss"] for m in metrics if m["kind"] == "train"]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(train_losses, rel=1e-6)
+
+
+def test_evaluate_command_reproduces_the_runs_last_evaluation(small_coco, tmp_path):
+    out = tmp_path / "run"
+    proc = _train(["train", "--preset", "ssd_tiny", "--data-dir", str(small_coco), "--output-dir", str(out),
+                   "--batch-size", "8", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "2",
+                   "--num-workers", "0", "--lr", "0.02", "--warmup-steps", "2", "--seed", "4"], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = json.loads((out / "result.json").read_text())["evaluations"][-1]
+    proc = _train(["evaluate", str(out / "checkpoint.pt"), "--batch-size", "5", "--num-workers", "0", "--json"],
+                  tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Same weights, same val images, another batch size: the same detections and AP.
+    assert got["num_images"] == last["num_images"] and got["num_detections"] == last["num_detections"]
+    assert got["ap"] == pytest.approx(last["ap"], abs=1e-9)
+    assert got["stats"]["AP50"] == pytest.approx(last["coco_AP50"], abs=1e-9)

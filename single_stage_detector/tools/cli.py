@@ -1,4 +1,4 @@
-"""Registers the results-tooling subcommands on the main CLI."""
+"""Registers the subcommands that read back what `train` writes (checkpoints, logs) on the main CLI."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
     Each tool lives in its own module; heavy imports (matplotlib, torch) happen when it runs.
     """
-    from . import check_logs, package, plots, score, show_detections
+    from . import check_logs, evaluate_checkpoint, package, plots, score, show_detections
 
-    for module in (check_logs, score, package, plots, show_detections):
+    for module in (evaluate_checkpoint, check_logs, score, package, plots, show_detections):
         module.add_parser(sub)
