@@ -30,7 +30,7 @@ def check_log(log_file: str | os.PathLike, ruleset: str = "1.0.0", usage: str = 
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
             [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", usage, "--ruleset", ruleset,
-             "--log_output", os.path.join(tmp, "checker.log"), os.fspath(log_file)],
+             "--log_output", os.path.join(tmp, "checker.log"), os.path.abspath(log_file)],
             capture_output=True, text=True, cwd=tmp, check=False,
         )
     output = proc.stdout + proc.stderr

@@ -96,6 +96,12 @@ def _png_size(path):
 
 # -- check-logs ------------------------------------------------------------------------------
 
+def test_check_logs_takes_paths_relative_to_the_working_folder(tiny_run, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_run)
+    assert main(["check-logs", "mlperf.log"]) == 0
+    assert "PASS  mlperf.log" in capsys.readouterr().out
+
+
 def test_check_logs_passes_real_log_and_fails_damaged_copies(tiny_run, tmp_path, capsys):
     log = tiny_run / "mlperf.log"
     assert main(["check-logs", str(log)]) == 0
