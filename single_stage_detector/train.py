@@ -6,12 +6,8 @@ includes reading the dataset, training and every evaluation.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +17,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint, write_json
 from .config import ConfigError, TrainConfig
 from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
@@ -70,31 +67,6 @@ def _platform_name(info: DistInfo) -> str:
     return f"{info.world_size}xCPU-{os.cpu_count()}cores-{platform.machine()}"
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    """Write a checkpoint to a temp file in the same folder, then rename: never a half file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cfg-", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def _build_sync_bn(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
     """Batch norm over ``bn_span`` images: plain BN when it equals the local batch,
     else SyncBatchNorm over groups of span / batch consecutive ranks (0..g-1, g..2g-1, ...).
@@ -123,13 +95,11 @@ def _build_sync_bn(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Mod
 def _load_init_checkpoint(model: nn.Module, path: str, preset_name: str) -> None:
     """Model weights (only) from a checkpoint.pt written by this trainer."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"--init-checkpoint: no such file {path}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ConfigError(f"--init-checkpoint: {path} is not a checkpoint.pt of this trainer (no 'model' entry)")
-    if ckpt.get("preset") not in (None, preset_name):
-        raise ConfigError(f"--init-checkpoint: {path} holds preset {ckpt.get('preset')!r}, this run is {preset_name!r}")
+        ckpt = load_checkpoint(path)
+    except ConfigError as e:
+        raise ConfigError(f"--init-checkpoint: {e}") from None
+    if ckpt["preset"] != preset_name:
+        raise ConfigError(f"--init-checkpoint: {path} holds preset {ckpt['preset']!r}, this run is {preset_name!r}")
     model.load_state_dict(ckpt["model"], strict=True)
 
 
@@ -252,7 +222,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
 
     derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, channels_last, model, log_file)
     if info.is_main:
-        _write_json_atomic(_resolved_config(cfg, derived), os.path.join(cfg.output_dir, "config.json"))
+        write_json(_resolved_config(cfg, derived), os.path.join(cfg.output_dir, "config.json"))
     say(f"preset {preset.name}: {count_parameters(model) / 1e6:.2f} M parameters, input {preset.input_size}, "
         f"{preset.box_spec.num_boxes} default boxes; device {info.device} x {info.world_size}, "
         f"amp {derived['amp']}, global batch {global_batch}, lr {lr:.4g}, division {division}")
@@ -333,7 +303,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     data.close()  # stop loader workers / DALI pipelines before writing the checkpoint
 
     if cfg.save_checkpoint and info.is_main:
-        _atomic_torch_save({
+        save_checkpoint({
             "model": detector.model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epochs_done, "step": step, "preset": preset.name,
@@ -347,7 +317,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
                        skipped_samples=skipped, dataset_stats=dataset_stats, world_size=info.world_size,
                        device=str(info.device), rank=info.rank)
     if info.is_main:
-        _write_json_atomic({k: v for k, v in result.__dict__.items()}, os.path.join(cfg.output_dir, "result.json"))
+        write_json({k: v for k, v in result.__dict__.items()}, os.path.join(cfg.output_dir, "result.json"))
     return result
 
 

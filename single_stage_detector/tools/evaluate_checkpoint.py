@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, *, batch_size: int = 32,
+def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLike, *, batch_size: int = 32,
                         num_workers: int = 2, max_images: int | None = None, all_images: bool = False,
                         device: str = "auto", amp: str = "auto"):
     """The :class:`~single_stage_detector.evaluation.EvalResult` of ``checkpoint`` on ``data_dir``'s val split."""
@@ -52,19 +52,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
+    from ..checkpoint import checkpoint_data_dir, load_checkpoint
 
-    data_dir = args.data_dir
-    if data_dir is None:
-        import torch
-
-        try:
-            data_dir = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("config", {}).get("data_dir")
-        except FileNotFoundError:
-            raise ConfigError(f"checkpoint {args.checkpoint} does not exist") from None
-        if not data_dir:
-            raise ConfigError(f"{args.checkpoint} records no data_dir; pass --data-dir")
-    result = evaluate_checkpoint(args.checkpoint, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
+    ckpt = load_checkpoint(args.checkpoint)
+    data_dir = checkpoint_data_dir(ckpt, args.checkpoint, args.data_dir)
+    result = evaluate_checkpoint(ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
                                  max_images=args.max_images, all_images=args.all_images, device=args.device,
                                  amp=args.amp)
     if args.json:

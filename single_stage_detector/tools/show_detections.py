@@ -25,19 +25,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def load_detector(checkpoint: str | os.PathLike, device: str = "cpu"):
-    """(detector in eval mode, preset, the checkpoint dict) from a ``checkpoint.pt`` of ``train``."""
-    import torch
-
+def load_detector(checkpoint: str | os.PathLike | dict, device: str = "cpu"):
+    """(detector in eval mode, preset, the checkpoint dict) from a ``checkpoint.pt`` of ``train``
+    (its path, or the dict :func:`~single_stage_detector.checkpoint.load_checkpoint` returned)."""
+    from ..checkpoint import load_checkpoint
     from ..detector import SSDDetector
     from ..models import build_model, get_preset
 
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: checkpoint {checkpoint} does not exist") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "preset" not in ckpt:
-        raise SystemExit(f"error: {checkpoint} is not a checkpoint of `train` (needs 'model' and 'preset')")
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     preset = get_preset(ckpt["preset"])
     model = build_model(preset)
     model.load_state_dict(ckpt["model"])
@@ -56,7 +51,7 @@ def _draw_box(draw, box, color, text, font, width: int) -> None:
         draw.text((x1 + 2 - l, ty + 1 - t), text, fill=(255, 255, 255), font=font)
 
 
-def render_grid(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, output: str | os.PathLike, *,
+def render_grid(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLike, output: str | os.PathLike, *,
                 num_images: int = 8, cols: int = 4, cell: int = 320, min_score: float = 0.3,
                 max_detections: int = 20, split: str = "val", device: str = "cpu", start: int = 0) -> dict:
     """Draw and save the grid; returns ``{"path", "size", "images", "predictions", "ground_truth"}``."""
@@ -138,21 +133,12 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.cols < 1 or args.cell < 32:
         print("error: --num-images and --cols must be >= 1, --cell >= 32")
         return 2
-    data_dir = args.data_dir
-    if data_dir is None:
-        import torch
+    from ..checkpoint import checkpoint_data_dir, load_checkpoint
 
-        try:
-            cfg = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("config", {})
-        except FileNotFoundError:
-            print(f"error: checkpoint {args.checkpoint} does not exist")
-            return 2
-        data_dir = cfg.get("data_dir")
-        if not data_dir:
-            print("error: the checkpoint records no data_dir; pass --data-dir")
-            return 2
+    ckpt = load_checkpoint(args.checkpoint)
+    data_dir = checkpoint_data_dir(ckpt, args.checkpoint, args.data_dir)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "detections.png")
-    info = render_grid(args.checkpoint, data_dir, output, num_images=args.num_images, cols=args.cols,
+    info = render_grid(ckpt, data_dir, output, num_images=args.num_images, cols=args.cols,
                        cell=args.cell, min_score=args.min_score, max_detections=args.max_detections,
                        split=args.split, device=args.device, start=args.start)
     w, h = info["size"]
