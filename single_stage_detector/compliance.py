@@ -22,17 +22,19 @@ class ComplianceResult:
     problems: list[str] = field(default_factory=list)  # every WARNING / ERROR line but the verdict
 
 
+def _run_module(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+    """``python -m <args>`` with this interpreter, in ``cwd`` (the checkers write files into it)."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, check=False)
+
+
 def check_log(log_file: str | os.PathLike, ruleset: str = "1.0.0", usage: str = "training") -> ComplianceResult:
     """Check ``log_file`` with the official checker (in a subprocess: it keeps global state).
 
     ``ok`` is the checker's own verdict (exit status 0 and "SUCCESS").
     """
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", usage, "--ruleset", ruleset,
-             "--log_output", os.path.join(tmp, "checker.log"), os.path.abspath(log_file)],
-            capture_output=True, text=True, cwd=tmp, check=False,
-        )
+        proc = _run_module(["mlperf_logging.compliance_checker", "--usage", usage, "--ruleset", ruleset,
+                            "--log_output", os.path.join(tmp, "checker.log"), os.path.abspath(log_file)], cwd=tmp)
     output = proc.stdout + proc.stderr
     failed = [(m.group(1), m.group(2).strip()) for m in map(_FAILED_CHECK.search, output.splitlines()) if m]
     problems = [ln.strip() for ln in output.splitlines()
@@ -149,10 +151,6 @@ class CheckerRun:
     message: str  # the checker's one-line verdict / reason
     output: str
     returncode: int
-
-
-def _run_module(args: list[str], cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, check=False)
 
 
 def check_rcp(log_files, rcp_version: str = RCP_VERSION, usage: str = "training") -> CheckerRun:

@@ -75,20 +75,33 @@ def build_data_pipeline(cfg, *, input_size: int, seed: int, rank: int, world_siz
 
 def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> DataPipeline:
     train_dir, train_ann = find_coco_split(cfg.data_dir, "train2017")
-    val_dir, val_ann = find_coco_split(cfg.data_dir, "val2017")
     train_tf = SSDTrainTransform(input_size, cfg.max_samples) if cfg.augment else SSDEvalTransform(input_size)
     train_set = CocoDetection(train_dir, train_ann, transform=train_tf, skip_empty=True)
-    val_set = CocoDetection(val_dir, val_ann, transform=SSDEvalTransform(input_size),
-                            skip_empty=not cfg.eval_all_images)
     train_data = _subset(train_set, cfg.max_train_images)
-    val_data = _subset(val_set, cfg.max_eval_images)
     train_loader = build_train_loader(train_data, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
                                       rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
-    eval_loader = build_eval_loader(val_data, cfg.eval_batch_size, num_workers=cfg.num_workers,
-                                    rank=rank, world_size=world_size, persistent_workers=True)
+    eval_loader, eval_samples, val_ann = build_torch_eval_loader(
+        cfg.data_dir, input_size, cfg.eval_batch_size, num_workers=cfg.num_workers, rank=rank,
+        world_size=world_size, max_images=cfg.max_eval_images, all_images=cfg.eval_all_images,
+        persistent_workers=True)
     return DataPipeline(backend="torch", train=train_loader, eval=eval_loader, train_samples=len(train_data),
-                        eval_samples=len(val_data), train_steps=len(train_loader), val_annotation_file=val_ann,
+                        eval_samples=eval_samples, train_steps=len(train_loader), val_annotation_file=val_ann,
                         stats=train_set.stats)
+
+
+def build_torch_eval_loader(data_dir, input_size: int, batch_size: int, *, num_workers: int, rank: int = 0,
+                            world_size: int = 1, max_images: int | None = None, all_images: bool = False,
+                            persistent_workers: bool = False) -> tuple[Iterable[DetectionBatch], int, Path]:
+    """``(loader, number of images, annotation file)`` of the val split of ``data_dir`` (this rank's shard).
+
+    Images without annotations are left out, as the reference does, unless ``all_images``.
+    """
+    val_dir, val_ann = find_coco_split(data_dir, "val2017")
+    val_set = CocoDetection(val_dir, val_ann, transform=SSDEvalTransform(input_size), skip_empty=not all_images)
+    val_data = _subset(val_set, max_images)
+    loader = build_eval_loader(val_data, batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
+                               persistent_workers=persistent_workers)
+    return loader, len(val_data), val_ann
 
 
 def _subset_files(dataset: CocoDetection, limit: int | None) -> list[str]:
@@ -115,12 +128,12 @@ def _build_dali(cfg, *, input_size: int, seed: int, rank: int, world_size: int, 
     device_id = None
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
-    fp16 = device.type == "cuda" and getattr(cfg, "amp", "off") != "off"
+    fp16 = device.type == "cuda" and cfg.amp != "off"
     spec = get_preset(cfg.preset).box_spec
     threads = max(1, cfg.num_workers)
     train = DaliTrainLoader(train_dir, train_ann, train_files, batch_size=cfg.batch_size, input_size=input_size,
                             seed=seed, rank=rank, world_size=world_size, device_id=device_id, num_threads=threads,
-                            max_samples=cfg.max_samples, augment=getattr(cfg, "augment", True),
+                            max_samples=cfg.max_samples, augment=cfg.augment,
                             default_boxes=default_boxes(spec), fp16=fp16)
     evaluation = DaliEvalLoader(val_dir, val_ann, val_files, batch_size=cfg.eval_batch_size, input_size=input_size,
                                 rank=rank, world_size=world_size, device_id=device_id, num_threads=threads,

@@ -31,9 +31,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
     """The :class:`~single_stage_detector.evaluation.EvalResult` of ``checkpoint`` on ``data_dir``'s val split."""
     import torch
 
-    from ..data.coco import COCO_CATEGORY_IDS, CocoDetection, find_coco_split
-    from ..data.loader import build_eval_loader
-    from ..data.transforms import SSDEvalTransform
+    from ..data.coco import COCO_CATEGORY_IDS
+    from ..data.pipeline import build_torch_eval_loader
     from ..distributed import DistInfo, select_device
     from ..engine import AmpSettings, evaluate
     from ..evaluation import CocoEvaluator
@@ -41,11 +40,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
 
     dev = select_device(device)
     detector, preset, _ = load_detector(checkpoint, device=str(dev))
-    image_dir, ann = find_coco_split(data_dir, "val2017")
-    dataset = CocoDetection(image_dir, ann, transform=SSDEvalTransform(preset.input_size), skip_empty=not all_images)
-    if max_images is not None and max_images < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(max_images))
-    loader = build_eval_loader(dataset, batch_size, num_workers=num_workers)
+    loader, _, ann = build_torch_eval_loader(data_dir, preset.input_size, batch_size, num_workers=num_workers,
+                                             max_images=max_images, all_images=all_images)
     label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
     return evaluate(detector, loader, CocoEvaluator(ann), label_to_category,
                     amp=AmpSettings.resolve(amp, dev), info=DistInfo(device=dev))
