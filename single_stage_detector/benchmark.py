@@ -122,7 +122,7 @@ def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.
 def run_benchmark(args: argparse.Namespace) -> list[dict]:
     from .detector import SSDDetector
     from .distributed import select_device
-    from .engine import AmpSettings
+    from .engine import AmpSettings, backward, optimizer_step
     from .models import build_model, get_preset
 
     device = select_device(args.device)
@@ -157,15 +157,8 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         def train_step() -> None:
             with amp.autocast():
                 losses = detector(images, {"boxes": boxes, "labels": labels})
-            loss = sum(losses.values())
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            backward(sum(losses.values()), scaler)
+            optimizer_step(opt, scaler)
 
         t = _time(train_step, args.warmup, args.iters, device)
         rows.append({"part": "train step (fwd+loss+bwd+SGD)", "batch": batch, "median_s": statistics.median(t)})

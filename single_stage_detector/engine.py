@@ -22,7 +22,7 @@ from .distributed import DistInfo
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_results
 from .losses import check_finite
 
-__all__ = ["LRSchedule", "AmpSettings", "EpochStats", "MetricsWriter", "ShardedEvalResult", "train_one_epoch",
+__all__ = ["LRSchedule", "AmpSettings", "EpochStats", "MetricsWriter", "ShardedEvalResult", "backward", "optimizer_step", "train_one_epoch",
            "evaluate", "FAULT_INJECT_ENV"]
 
 # Test hook: SSD_FAULT_INJECT_RANK=r makes rank r raise at optimiser step SSD_FAULT_INJECT_STEP
@@ -169,6 +169,21 @@ def _printer(info: DistInfo) -> Callable[[str], None]:
     return say
 
 
+def backward(loss: Tensor, scaler: "torch.amp.GradScaler | None") -> None:
+    """Backward pass, through the fp16 loss scaler when there is one."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None") -> None:
+    """Apply and clear the gradients (the scaler skips steps with inf/NaN gradients and adapts its scale)."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(
     detector: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -237,11 +252,7 @@ def train_one_epoch(
                 losses = detector(batch.images, batch.targets())
             loss = sum(losses.values())
             check_finite(losses, where=f"epoch {epoch}, step {step + 1}")
-            loss = loss * (loss_weight / accumulation_steps)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            backward(loss * (loss_weight / accumulation_steps), scaler)
         micro += 1
         if loss_weight:
             stats.images += len(batch)
@@ -252,12 +263,7 @@ def train_one_epoch(
         lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler)
         step += 1
         stats.steps += 1
 
