@@ -322,11 +322,10 @@ def evaluate(
         results.extend(to_coco_results(dets, ids, sizes, label_to_category))
         seen_ids.extend(ids)
     inference_s = time.perf_counter() - t0
-    images_per_rank = _all_gather_count(len(seen_ids), info)
     gathered = gather_results(results, seen_ids)
     if gathered is None:
-        return ShardedEvalResult(ap=math.nan, seconds=inference_s, images_per_rank=images_per_rank)
-    all_results, all_ids = gathered
+        return ShardedEvalResult(ap=math.nan, seconds=inference_s)
+    all_results, all_ids, images_per_rank = gathered
     if sum(images_per_rank) != len(all_ids):
         print(f"WARNING: evaluation: the ranks inferred {sum(images_per_rank)} images for {len(all_ids)} distinct "
               "ones; duplicates were counted once", file=sys.stderr, flush=True)
@@ -334,14 +333,3 @@ def evaluate(
     result = evaluator.evaluate(all_results, all_ids)
     result.seconds = time.perf_counter() - t0
     return ShardedEvalResult(**vars(result), images_per_rank=images_per_rank)
-
-
-def _all_gather_count(n: int, info: DistInfo) -> list[int]:
-    if not info.distributed:
-        return [n]
-    import torch.distributed as dist
-
-    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
-    out = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(info.world_size)]
-    dist.all_gather(out, torch.tensor([n], dtype=torch.int64, device=dev))
-    return [int(t.item()) for t in out]

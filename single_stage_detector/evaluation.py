@@ -70,21 +70,24 @@ def to_coco_results(
     return results
 
 
-def gather_results(results: list[dict], image_ids: list[int]) -> tuple[list[dict], list[int]] | None:
+def gather_results(results: list[dict], image_ids: list[int]) -> tuple[list[dict], list[int], list[int]] | None:
     """Gather detections and evaluated image ids on rank 0 (None on other ranks).
 
-    Duplicates (images seen by two ranks, e.g. from a padded last batch) are dropped,
-    so every image counts exactly once whatever the number of ranks.
+    Returns ``(results, image_ids, images_per_rank)``: duplicates (images seen by two
+    ranks, e.g. from a padded last batch) are dropped, so every image counts exactly once
+    whatever the number of ranks; ``images_per_rank`` counts what each rank inferred.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return _dedupe([(results, image_ids)])
-    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object((results, image_ids), gathered, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    return _dedupe(gathered)  # type: ignore[arg-type]
+        parts = [(results, image_ids)]
+    else:
+        gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((results, image_ids), gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        parts = gathered  # type: ignore[assignment]
+    return (*_dedupe(parts), [len(ids) for _, ids in parts])
 
 
 def _dedupe(parts: list[tuple[list[dict], list[int]]]) -> tuple[list[dict], list[int]]:

@@ -333,7 +333,7 @@ def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, 
     mlog.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch})
     record_ = {"epoch": epoch, "ap": ap, "seconds": result.seconds, "elapsed_s": time.time() - run_start,
                "num_images": result.num_images, "num_detections": result.num_detections,
-               "images_per_rank": list(getattr(result, "images_per_rank", [])),
+               "images_per_rank": result.images_per_rank,
                **{f"coco_{k}": v for k, v in result.stats.items()}}
     metrics.write(kind="eval", **record_)
     say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
