@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, add_arguments, config_from_args
+from .config import SYNTHETIC_DEFAULTS, ConfigError, add_arguments, config_from_args
 
 # The CPU demo: the small preset on the embedded synthetic dataset (division open).
 DEMO_DEFAULTS = {
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-synthetic-dataset", help="write the embedded synthetic dataset in COCO layout")
     p.add_argument("root", help="output folder (gets train2017/, val2017/, annotations/)")
-    p.add_argument("--train-images", type=int, default=DEMO_DEFAULTS_TRAIN_IMAGES)
-    p.add_argument("--val-images", type=int, default=DEMO_DEFAULTS_VAL_IMAGES)
+    p.add_argument("--train-images", type=int, default=SYNTHETIC_DEFAULTS.num_train)
+    p.add_argument("--val-images", type=int, default=SYNTHETIC_DEFAULTS.num_val)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_synthetic)
 
@@ -106,10 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_tools(sub)
     return parser
-
-
-DEMO_DEFAULTS_TRAIN_IMAGES = 2000
-DEMO_DEFAULTS_VAL_IMAGES = 250
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .data.synthetic import DEFAULT_PARAMS as SYNTHETIC_DEFAULTS
+
 __all__ = ["ConfigError", "TrainConfig", "add_arguments", "config_from_args"]
 
 
@@ -30,8 +32,8 @@ class TrainConfig:
     preset: str = _f("ssd300_resnet34", "model preset (ssd300_resnet34 = the benchmark; ssd_tiny = CPU demo)")
     data_dir: Optional[str] = _f(None, "COCO 2017 folder (train2017/, val2017/, annotations/)")
     synthetic: bool = _f(False, "generate the embedded synthetic dataset into --data-dir if it holds none")
-    synthetic_train_images: int = _f(2000, "synthetic dataset: training images")
-    synthetic_val_images: int = _f(250, "synthetic dataset: validation images")
+    synthetic_train_images: int = _f(SYNTHETIC_DEFAULTS.num_train, "synthetic dataset: training images")
+    synthetic_val_images: int = _f(SYNTHETIC_DEFAULTS.num_val, "synthetic dataset: validation images")
     pretrained_backbone: Optional[str] = _f(
         None, "ImageNet ResNet-34 weights (.npz from scripts/get_resnet34_backbone.sh, or resnet34-333f7ec4.pth)")
     output_dir: str = _f("output/run", "folder for the resolved config, metrics, checkpoint")

@@ -83,7 +83,7 @@ class SyntheticParams:
     """Everything that determines the generated files (recorded in the marker file)."""
 
     num_train: int = 2000
-    num_val: int = 200
+    num_val: int = 250
     seed: int = 0
     min_size: int = 120           # image side lengths ~ U[min_size, max_size], independently
     max_size: int = 200
