@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .batch import DetectionBatch
 from .coco import COCO_CATEGORY_IDS
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, MIN_BOX_SIZE
+from .loader import mix_seed
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, drop_degenerate
 
 __all__ = [
     "dali_available",
@@ -104,9 +105,8 @@ def color_jitter_ranges(brightness: float = 0.125, contrast: float = 0.5, satura
 
 
 def _mix_seed(*parts: int) -> int:
-    """A 31-bit seed from ``parts`` (DALI seeds are int32)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint32)
-    return int(state[0] >> np.uint32(1))
+    """A 31-bit seed from ``parts`` (DALI seeds are int32): the low bits of the DataLoader's seed mix."""
+    return mix_seed(*parts) & 0x7FFFFFFF
 
 
 def _label_table() -> tuple[list[int], list[int]]:
@@ -280,11 +280,7 @@ _OUTPUT_NAMES = ["images", "boxes", "labels", "counts", "ids", "shape"]
 
 def _clean_boxes(boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Clip to [0, 1] and drop boxes of (near) zero width or height, and unknown labels."""
-    boxes = boxes.clamp(0.0, 1.0)
-    keep = ((boxes[:, 2] - boxes[:, 0]) > MIN_BOX_SIZE) & ((boxes[:, 3] - boxes[:, 1]) > MIN_BOX_SIZE) & (labels > 0)
-    if bool(keep.all()):
-        return boxes, labels
-    return boxes[keep], labels[keep]
+    return drop_degenerate(boxes.clamp(0.0, 1.0), labels)
 
 
 class _DaliLoaderBase:

@@ -24,6 +24,7 @@ from .coco import Sample
 __all__ = [
     "collate_detection",
     "StridedShardSampler",
+    "mix_seed",
     "seed_worker",
     "build_train_loader",
     "build_eval_loader",
@@ -74,7 +75,7 @@ class StridedShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
-def _mix_seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A 63-bit seed derived from ``parts`` (numpy's SeedSequence hashing, so nearby inputs decorrelate)."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
                >> np.uint64(1))
@@ -88,7 +89,7 @@ def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
     ``rank``), so it changes with every non-persistent epoch iterator yet reproducibly.
     The transforms draw from numpy's global RNG.
     """
-    s = _mix_seed(seed, rank, worker_id, torch.initial_seed())
+    s = mix_seed(seed, rank, worker_id, torch.initial_seed())
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
@@ -114,12 +115,12 @@ def build_train_loader(
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                  seed=seed, drop_last=True)
-    generator = torch.Generator().manual_seed(_mix_seed(seed, rank, 0x5EED))
+    generator = torch.Generator().manual_seed(mix_seed(seed, rank, 0x5EED))
     init_fn = functools.partial(seed_worker, seed=seed, rank=rank)
     if num_workers == 0:
         # Augmentation then runs here and draws from numpy's global RNG (only that one is
         # reseeded, so the caller's torch RNG stream is left alone).
-        np.random.seed(_mix_seed(seed, rank, 0) % 2**32)
+        np.random.seed(mix_seed(seed, rank, 0) % 2**32)
     kwargs = {}
     if num_workers > 0 and prefetch_factor is not None:
         kwargs["prefetch_factor"] = prefetch_factor

@@ -27,6 +27,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SSDCropping",
+    "drop_degenerate",
     "RandomHorizontalFlip",
     "ColorJitter",
     "resize",
@@ -54,8 +55,10 @@ def _rng(rng: RandomSource | None) -> RandomSource:
     return np.random if rng is None else rng  # type: ignore[return-value]
 
 
-def _drop_degenerate(boxes: Tensor, labels: Tensor, min_size: float = MIN_BOX_SIZE) -> tuple[Tensor, Tensor]:
-    keep = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+def drop_degenerate(boxes: Tensor, labels: Tensor, min_size: float = MIN_BOX_SIZE) -> tuple[Tensor, Tensor]:
+    """Drop boxes of (near) zero width or height, and boxes without a class (label <= 0),
+    so that the box encoder never sees one. Every input pipeline ends with this."""
+    keep = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size) & (labels > 0)
     if bool(keep.all()):
         return boxes, labels
     return boxes[keep], labels[keep]
@@ -144,7 +147,7 @@ def crop_boxes(boxes: Tensor, labels: Tensor, window: np.ndarray, keep: np.ndarr
     scale = torch.tensor([r - l, btm - t, r - l, btm - t], dtype=kb.dtype)
     offset = torch.tensor([l, t, l, t], dtype=kb.dtype)
     kb = ((kb - offset) / scale).clamp_(0.0, 1.0)
-    return _drop_degenerate(kb, kl)
+    return drop_degenerate(kb, kl)
 
 
 class RandomHorizontalFlip:
@@ -296,7 +299,7 @@ class SSDTrainTransform:
         image, boxes, labels = self.flip(image, boxes, labels)  # after the resize: fewer pixels
         image = self.jitter(image)
         boxes = boxes.clamp(0.0, 1.0)
-        boxes, labels = _drop_degenerate(boxes, labels)
+        boxes, labels = drop_degenerate(boxes, labels)
         return to_normalized_tensor(image), boxes, labels.long()
 
     def __repr__(self) -> str:
