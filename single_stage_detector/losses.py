@@ -1,6 +1,8 @@
 """SSD multibox loss: smooth L1 on positives + cross entropy with 3:1 hard-negative mining."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,7 +79,7 @@ class MultiboxLoss(nn.Module):
 def check_finite(losses: dict[str, Tensor], where: str = "") -> None:
     """Raise :class:`NonFiniteLossError` listing every term if any loss term is NaN/inf."""
     values = {k: float(v.detach()) for k, v in losses.items()}
-    bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         terms = ", ".join(f"{k}={v!r}" for k, v in values.items())
         raise NonFiniteLossError(

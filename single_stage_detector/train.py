@@ -25,7 +25,7 @@ from .detector import SSDDetector
 from .distributed import (DistInfo, barrier, broadcast_float, broadcast_seed, init_distributed, seed_everything,
                           shutdown, sync_batch_norm)
 from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, train_one_epoch
-from .evaluation import CocoEvaluator, EvalResult
+from .evaluation import CocoEvaluator
 from .mlperf_log import C, MLPerfLogger, move_aside
 from .models import build_model, count_parameters
 from .models.mlperf_names import mlperf_tensor_names

@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 
 def _run(args, cwd):
