@@ -4,7 +4,8 @@
 # 114 images per step (the per-GPU batch of config_DGXA100.sh, known to fit in 40 GB).
 # LR 0.01125 = 0.09 x 114/912: linear scaling of the 8-GPU recipe (the reference rule,
 # 2.5e-3 x 114/32 = 0.0089, is close). Warm-up 1,000 iterations = about one epoch of the
-# 1,029 at this batch (small batches need little). Weight decay 1.3e-4, decay after epochs
+# 1,029 at this batch (small batches need little), warm-up factor 1 as in the 8-GPU recipe
+# (NVIDIA v0.7's default). Weight decay 1.3e-4, decay after epochs
 # 44 and 55, evaluation every 5 epochs as in the 8-GPU recipe.
 # Time: ~50 epochs at ~1,200 img/s is about 1.5 h per run.
 #
@@ -17,6 +18,6 @@ export BATCHSIZE=114
 export NEXP="${NEXP:-5}"
 export WALLTIME="${WALLTIME:-10:00:00}" # all NEXP runs
 
-export EXTRA_PARAMS="--batch-size ${BATCHSIZE} --lr 0.01125 --warmup-steps 1000 --warmup-factor 0
+export EXTRA_PARAMS="--batch-size ${BATCHSIZE} --lr 0.01125 --warmup-steps 1000 --warmup-factor 1
  --weight-decay 1.3e-4 --lr-decay-epochs 44 55 --eval-every 5 --max-samples 1
  --num-workers 16"

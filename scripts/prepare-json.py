@@ -12,7 +12,8 @@ Default (training) mode writes a file with only three top-level keys:
 - ``categories``: unchanged
 
 ``iscrowd`` and ``area`` are kept although the MLPerf recipe lists only the first four
-annotation keys: the trainer skips crowd boxes and pycocotools' ``COCOeval`` reads both
+annotation keys: the trainer's open-division ``--no-include-crowd`` needs ``iscrowd`` and
+pycocotools' ``COCOeval`` reads both
 (area ranges, crowd matching), so a file without them could not be evaluated.  When an
 input annotation lacks them they are filled in (``iscrowd = 0``, ``area = w * h`` of the
 box) and the number of filled entries is reported.

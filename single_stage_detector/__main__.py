@@ -40,11 +40,24 @@ def _print_summary(result) -> None:
         f"MLPerf log        {result.log_file}",
         f"output folder     {result.output_dir} (config.json, metrics.jsonl, result.json, checkpoint.pt)",
     ]
+    stats = result.dataset_stats
+    for prefix, split in (("", "train"), ("val_", "val")):
+        skipped = {k[len(prefix) + len("images_skipped_"):]: v for k, v in stats.items()
+                   if k.startswith(f"{prefix}images_skipped_") and k != f"{prefix}images_skipped_empty" and v}
+        if skipped:
+            detail = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in skipped.items())
+            lines.append(f"skipped images    {sum(skipped.values())} {split} ({detail}; see warnings above)")
+        exif = stats.get(f"{prefix}images_exif_orientation", 0)
+        if exif:
+            lines.append(f"EXIF orientation  {exif} {split} image(s), tag ignored (boxes refer to the stored pixels)")
     if result.skipped_samples:
-        lines.append(f"skipped samples   {result.skipped_samples} (unreadable images; see warnings above)")
-    dropped = result.dataset_stats.get("boxes_dropped_degenerate", 0)
+        lines.append(f"skipped samples   {result.skipped_samples} (unreadable while training; see warnings above)")
+    dropped = stats.get("boxes_dropped_degenerate", 0)
     if dropped:
         lines.append(f"dropped boxes     {dropped} (zero or negative size)")
+    clipped = stats.get("boxes_clipped", 0)
+    if clipped:
+        lines.append(f"clipped boxes     {clipped} (past the image border)")
     lines.append("=" * 64)
     print("\n".join(lines), flush=True)
 

@@ -42,6 +42,11 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = _f(
         None, "also write TensorBoard scalars (loss, LR, images/s, mAP) there; needs `pip install tensorboard`")
     save_checkpoint: bool = _f(True, "write OUTPUT_DIR/checkpoint.pt (atomically) at the end of the run")
+    include_crowd: bool = _f(True, "train on iscrowd=1 boxes too, as the MLPerf reference (--no-include-crowd: "
+                                   "drop them; open division only)")
+    check_images: bool = _f(True, "before training, check every image header (size against the annotation, "
+                                  "truncation, format) and skip bad files in every backend; --no-check-images "
+                                  "only for datasets verified by scripts/verify_dataset.py")
 
     # -- batch and optimiser -----------------------------------------------------------
     batch_size: int = _f(32, "training images per process per step")
@@ -53,7 +58,7 @@ class TrainConfig:
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "SGD weight decay")
     warmup_steps: int = _f(300, "linear warm-up iterations")
-    warmup_factor: float = _f(0.0, "warm-up starts at lr * (1 - 2**-factor); 0 = from zero")
+    warmup_factor: int = _f(0, "warm-up starts at lr * (1 - 2**-factor); 0 = from zero (MLPerf: integer >= 0)")
     lr_decay_epochs: tuple[int, ...] = _f((40, 50), "epochs at which the LR is multiplied by --lr-decay-factor")
     lr_decay_factor: float = _f(0.1, "LR multiplier at each decay epoch")
     max_samples: int = _f(1, "SSD random-crop tries per mode (MLPerf allows 1 or 50)")
@@ -75,6 +80,7 @@ class TrainConfig:
     seed: Optional[int] = _f(None, "random seed (default: drawn by rank 0 and broadcast); logged")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     amp: str = _f("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16")
+    eval_amp: str = _f("auto", "evaluation precision: auto (= off: fp32, see docs/ACCURACY.md) | off | bf16 | fp16")
     channels_last: Optional[bool] = _f(None, "NHWC memory format (default: on for CUDA)")
     compile: bool = _f(False, "torch.compile the model")
     num_workers: int = _f(4, "data-loader worker processes per training process")
@@ -144,14 +150,22 @@ class TrainConfig:
             raise bad("max_samples", f"MLPerf allows 1 or 50, got {self.max_samples}")
         if not 0.0 < self.threshold <= 1.0:
             raise bad("threshold", f"must be in (0, 1], got {self.threshold}")
-        if self.warmup_steps < 0 or self.warmup_factor < 0:
-            raise bad("warmup_steps", "warm-up steps and factor must be >= 0")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        # The rules (and the reference's argparse) make the factor an integer >= 0.
+        if isinstance(self.warmup_factor, bool) or not isinstance(self.warmup_factor, int) \
+                or self.warmup_factor < 0:
+            raise bad("warmup_factor", f"must be an integer >= 0, got {self.warmup_factor!r}")
+        for name in ("max_train_images", "max_eval_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if (self.lr if self.lr is not None else self.base_lr) <= 0:
             raise bad("lr", "learning rate must be > 0")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise bad("weight_decay", "weight decay must be >= 0 and momentum in [0, 1)")
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
-            raise bad("amp", f"expected auto|off|bf16|fp16, got {self.amp!r}")
+        for name in ("amp", "eval_amp"):
+            if getattr(self, name) not in ("auto", "off", "bf16", "fp16"):
+                raise bad(name, f"expected auto|off|bf16|fp16, got {getattr(self, name)!r}")
         if self.data_backend not in ("torch", "dali", "auto"):
             raise bad("data_backend", f"expected torch|dali|auto, got {self.data_backend!r}")
         if self.division not in ("auto", "closed", "open"):
@@ -167,16 +181,35 @@ class TrainConfig:
             raise bad("lr_decay_epochs", f"must be increasing positive epochs, got {list(self.lr_decay_epochs)}")
         if self.data_dir is None:
             raise bad("data_dir", "is required (a COCO 2017 folder, or an empty folder with --synthetic)")
+        if not self.eval_only and not self.evaluation_epochs():
+            # Such a run trains to the epoch limit and writes a log no checker can pass.
+            flags = ("--eval-epochs " + " ".join(map(str, self.eval_epochs)) if self.eval_epochs else
+                     f"--eval-every {self.eval_every}"
+                     + (f" --eval-start {self.eval_start}" if self.eval_start is not None else ""))
+            raise bad("epochs", f"{self.epochs} with {flags} schedules no evaluation; "
+                      "evaluate at least once within --epochs")
         if closed:
-            # SPEC.md section 7: boundaries must be [40, 50] * (1 + k/10), integer k.
-            if len(self.lr_decay_epochs) != 2 or any(
-                abs(10 * (e / base - 1) - round(10 * (e / base - 1))) > 1e-5
-                for e, base in zip(self.lr_decay_epochs, (40, 50))
-            ):
-                raise bad("lr_decay_epochs", "closed division needs two boundaries [40, 50] x (1 + k/10) "
-                          f"for integer k (e.g. 40 50, 44 55), got {list(self.lr_decay_epochs)}")
-            if self.warmup_steps < 1:
-                raise bad("warmup_steps", "closed division needs at least 1 warm-up step")
+            self._validate_closed(bad)
+
+    def _validate_closed(self, bad) -> None:
+        """The closed-division rules of MLPerf SSD (SPEC.md section 7): only batch size, LR,
+        weight decay, warm-up and the decay boundaries (one k) are free."""
+        bounds = list(self.lr_decay_epochs)
+        # [40, 50] x (1 + k/10) with one integer k for both: 40 + 4k and 50 + 5k.
+        k = (bounds[0] - 40) / 4 if len(bounds) == 2 else None
+        if k is None or k != int(k) or bounds != [40 + 4 * int(k), 50 + 5 * int(k)]:
+            raise bad("lr_decay_epochs", "closed division needs the two boundaries [40, 50] x (1 + k/10) "
+                      f"with one integer k (e.g. 40 50, 44 55, 48 60), got {bounds}")
+        if self.warmup_steps < 1:
+            raise bad("warmup_steps", "closed division needs at least 1 warm-up step")
+        # Fixed by the benchmark: the quality target, SGD momentum and the decay factor.
+        for name, fixed in (("threshold", 0.23), ("lr_decay_factor", 0.1), ("momentum", 0.9)):
+            if abs(getattr(self, name) - fixed) > 1e-12:
+                raise bad(name, f"is fixed at {fixed} in the closed division, got {getattr(self, name)} "
+                          "(use --division open to change it)")
+        if not self.include_crowd:
+            raise bad("include_crowd", "the closed division trains on crowd boxes as the reference does "
+                      "(--no-include-crowd needs --division open)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -32,11 +32,13 @@ class SSDDetector(nn.Module):
     Args:
         model: maps ``images [B, 3, S, S]`` to ``(loc [B, A, 4], cls_logits [B, A, C])``.
         box_spec: the default-box geometry the model's outputs follow.
+        clip_boxes: evaluation output boxes clipped to the image after NMS (NVIDIA v1.1);
+            default False, the reference: boxes never clipped (see ``postprocess``).
     """
 
     def __init__(self, model: nn.Module, box_spec: DefaultBoxSpec, *, iou_threshold: float = 0.5,
                  neg_pos_ratio: int = 3, score_threshold: float = 0.05, nms_threshold: float = 0.5,
-                 max_detections: int = 200) -> None:
+                 max_detections: int = 200, clip_boxes: bool = False) -> None:
         super().__init__()
         self.model = model
         self.box_spec = box_spec
@@ -47,6 +49,7 @@ class SSDDetector(nn.Module):
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
+        self.clip_boxes = clip_boxes
         self._coder: BoxCoder | None = None
 
     @property
@@ -71,4 +74,4 @@ class SSDDetector(nn.Module):
             return self.loss.terms(loc, cls_logits, loc_t, labels_t)
         return postprocess(loc, cls_logits, self.default_boxes, box_coder=self.box_coder,
                            score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
-                           max_per_class=200, max_detections=self.max_detections)
+                           max_per_class=200, max_detections=self.max_detections, clip_boxes=self.clip_boxes)

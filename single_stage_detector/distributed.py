@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "LaunchEnv", "launch_env", "expand_slurm_nodelist", "first_slurm_host",
            "init_distributed", "sync_batch_norm", "CpuSyncBatchNorm", "shutdown", "broadcast_seed", "seed_everything", "barrier",
-           "broadcast_float", "select_device"]
+           "broadcast_float", "select_device", "average_batch_norm_stats", "sum_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,48 @@ def broadcast_float(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     dist.broadcast(t, src=0)
     return float(t.item())
+
+
+def sum_over_ranks(value: int, info: DistInfo) -> int:
+    """The sum of ``value`` over all ranks, on every rank (one all-reduce; once per epoch, not per step)."""
+    if not info.distributed:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def average_batch_norm_stats(module: nn.Module, group=None) -> int:
+    """Replace every BatchNorm ``running_mean`` / ``running_var`` of ``module`` by its mean over
+    the ranks of ``group`` (default: all), in place. Collective: every rank must call it.
+
+    The MLPerf reference (mlcommons/training ``single_stage_detector/ssd/train.py``) and
+    NVIDIA's v0.7 submission (``--allreduce-running-stats``, on by default) do this before
+    each evaluation: with plain (or group-synchronised) BatchNorm each rank's running
+    statistics come from its own data. The buffers go through one all-reduce per dtype
+    (NCCL on GPUs, gloo on CPUs). Returns the number of buffers averaged (0 without a
+    process group).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    world = dist.get_world_size(group)
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var) if b is not None]
+    if world == 1 or not buffers:
+        return 0
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for b in buffers:
+        by_kind.setdefault((b.dtype, b.device), []).append(b)
+    with torch.no_grad():
+        for bufs in by_kind.values():
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            flat /= world
+            offset = 0
+            for b in bufs:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+    return len(buffers)
 
 
 def broadcast_seed(seed: int | None, info: DistInfo) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .data.batch import DetectionBatch
-from .distributed import DistInfo
+from .distributed import DistInfo, average_batch_norm_stats
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_results
 from .losses import check_finite
 
@@ -66,17 +66,40 @@ class LRSchedule:
 
 @dataclass(frozen=True)
 class AmpSettings:
+    """Autocast precision of the forward pass (``enabled`` False: fp32)."""
+
     enabled: bool
     dtype: torch.dtype
     device_type: str
 
     @classmethod
     def resolve(cls, mode: str, device: torch.device) -> "AmpSettings":
+        """Training precision of ``--amp``: ``auto`` is bf16 on CUDA, fp32 on CPU."""
         if mode == "auto":
             mode = "bf16" if device.type == "cuda" else "off"
+        return cls._of(mode, device)
+
+    @classmethod
+    def resolve_eval(cls, mode: str, device: torch.device) -> "AmpSettings":
+        """Evaluation precision of ``--eval-amp``: ``auto`` is fp32 on every device.
+
+        The accuracy target is a hard threshold, so evaluation only runs in reduced precision
+        where it was measured to stay within 0.0005 AP of fp32; no GPU measurement exists yet
+        (docs/ACCURACY.md has the CPU one), hence fp32.
+        """
+        return cls._of("off" if mode == "auto" else mode, device)
+
+    @classmethod
+    def _of(cls, mode: str, device: torch.device) -> "AmpSettings":
         if mode == "off":
             return cls(False, torch.float32, device.type)
+        if mode not in ("bf16", "fp16"):
+            raise ValueError(f"unknown precision {mode!r}; expected auto|off|bf16|fp16")
         return cls(True, torch.bfloat16 if mode == "bf16" else torch.float16, device.type)
+
+    def describe(self) -> str:
+        """``bfloat16`` / ``float16`` / ``off (fp32)``, as config.json records it."""
+        return str(self.dtype).replace("torch.", "") if self.enabled else "off (fp32)"
 
     def autocast(self):
         if not self.enabled:
@@ -184,6 +207,29 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScal
     optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def frozen_batch_norm_stats(module: nn.Module):
+    """BatchNorm layers of ``module`` normalise as usual but leave their running statistics
+    unchanged (momentum 0), for passes that only keep distributed ranks in step."""
+    saved = [(m, m.momentum) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+def _tail_step(optimizer, scaler, schedule, step, stats):
+    """The optimiser step of an epoch's last accumulation group when it ended on an empty batch."""
+    for group in optimizer.param_groups:
+        group["lr"] = schedule(step)
+    optimizer_step(optimizer, scaler)
+    stats.steps += 1
+    return step + 1, stats
+
+
 def train_one_epoch(
     detector: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -201,20 +247,33 @@ def train_one_epoch(
     log_every: int = 20,
     metrics: MetricsWriter | None = None,
     steps_per_epoch: int | None = None,
+    epoch_samples: int | None = None,
+    batch_size: int | None = None,
 ) -> EpochStats:
     """Train for one epoch (``epoch`` is 1-based). Returns the epoch's statistics.
 
     Every ``accumulation_steps`` micro-batches make one optimiser step; gradients are
     only all-reduced on the last micro-batch (DDP ``no_sync``). Each micro-batch loss is
-    divided by ``accumulation_steps``, so the step's gradient is the mean over all its
-    images, as with one batch of ``accumulation_steps`` times the size. With
-    ``steps_per_epoch`` the epoch ends after that many optimiser steps (micro-batches left
-    over that would not make a full step are not run).
+    divided by the number of micro-batches of its step, so the step's gradient is the mean
+    over all its images, as with one batch of ``accumulation_steps`` times the size. Every
+    micro-batch the loader yields is trained on: when their number is not a multiple of
+    ``accumulation_steps``, the last optimiser step of the epoch takes the remainder
+    (``len(loader)`` must be known for that). ``steps_per_epoch`` caps the optimiser steps.
 
     Distributed: every rank must run the same number of forward/backward passes (DDP and
-    SyncBatchNorm are collectives). A batch whose images were all unreadable is therefore
-    not skipped when there are several ranks: the previous batch is run again with its
-    loss multiplied by 0 (no gradient, no update of its own), keeping the ranks in step.
+    SyncBatchNorm are collectives). An empty batch (all images unreadable, or a rank
+    whose share of the epoch's last partial batch is empty) is therefore not skipped when
+    there are several ranks: the previous batch is run again with its loss multiplied by
+    0 and BatchNorm momentum 0 (no gradient, no change of the running statistics),
+    keeping the ranks in step.
+
+    With ``epoch_samples`` (images per epoch over all ranks) and ``batch_size`` (per rank),
+    each rank's loss (a mean over its images) is weighted by its share of the micro-batch's
+    images over all ranks, ``n_local x world / n_global``, so that the gradient DDP averages
+    is the mean over all images of the step even when the epoch's last, partial global
+    batch splits unevenly: the same gradient as one process with the whole global batch.
+    ``n_global`` follows from the micro-batch's index (the samplers fill every global batch
+    but the last), so no collective is needed.
     """
     say = _printer(info)
     detector.train()
@@ -228,15 +287,24 @@ def train_one_epoch(
     fault_step = _fault_injection_step(info.rank)
     optimizer.zero_grad(set_to_none=True)
     previous: DetectionBatch | None = None
+    try:
+        total_micro = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total_micro = None
+    # Micro-batches of the epoch's last (possibly partial) accumulation group.
+    tail = (total_micro % accumulation_steps) if total_micro else 0
     for batch in loader:
         stats.skipped_samples += batch.skipped
         loss_weight = 1.0
         if len(batch) == 0:
             if not info.distributed:
+                micro += 1  # keeps the accumulation groups aligned with the loader's batches
+                if total_micro is not None and micro == total_micro and micro % accumulation_steps != 0:
+                    step, stats = _tail_step(optimizer, scaler, schedule, step, stats)
                 continue
             if previous is None:
-                raise RuntimeError(f"rank {info.rank}: every image of the first batch of epoch {epoch} was unreadable; "
-                                   "the ranks cannot stay in step (see the warnings above)")
+                raise RuntimeError(f"rank {info.rank}: the first batch of epoch {epoch} is empty (unreadable "
+                                   "images); the ranks cannot stay in step (see the warnings above)")
             batch, loss_weight = previous, 0.0
         else:
             batch = batch.to(info.device, memory_format=memory_format)
@@ -244,15 +312,23 @@ def train_one_epoch(
         if fault_step is not None and step + 1 >= fault_step:
             raise RuntimeError(f"fault injected on rank {info.rank} at step {step + 1} "
                                f"({FAULT_INJECT_ENV} test hook)")
-        last_micro = (micro + 1) % accumulation_steps == 0
+        share = 1.0
+        if info.distributed and epoch_samples and batch_size and loss_weight:
+            per_step = batch_size * info.world_size
+            n_global = max(1, min(per_step, epoch_samples - micro * per_step))
+            share = len(batch) * info.world_size / n_global
+        in_tail = total_micro is not None and tail and micro >= total_micro - tail
+        micro_per_step = tail if in_tail else accumulation_steps
+        last_micro = (micro + 1) % accumulation_steps == 0 or (total_micro is not None and micro + 1 == total_micro)
         sync_ctx = (detector.no_sync() if (not last_micro and hasattr(detector, "no_sync"))
                     else contextlib.nullcontext())
+        bn_ctx = frozen_batch_norm_stats(detector) if loss_weight == 0.0 else contextlib.nullcontext()
         with sync_ctx:
-            with amp.autocast():
+            with amp.autocast(), bn_ctx:
                 losses = detector(batch.images, batch.targets())
             loss = sum(losses.values())
             check_finite(losses, where=f"epoch {epoch}, step {step + 1}")
-            backward(loss * (loss_weight / accumulation_steps), scaler)
+            backward(loss * (loss_weight * share / micro_per_step), scaler)
         micro += 1
         if loss_weight:
             stats.images += len(batch)
@@ -300,10 +376,17 @@ def evaluate(
 ) -> EvalResult:
     """Run inference on this rank's shard, gather on rank 0, COCO-evaluate there.
 
+    With several ranks, the BatchNorm running statistics are first averaged over all of
+    them (in place), as the reference and NVIDIA's v0.7 code do before every evaluation,
+    so that every rank evaluates (and later saves) the same model. Collective: call on
+    every rank.
+
     Returns the result on rank 0 and a placeholder (ap = nan) on other ranks; the caller
     broadcasts the AP so that every rank takes the same stop decision.
     ``evaluator`` may be None on ranks other than 0.
     """
+    if info.distributed:
+        average_batch_norm_stats(detector)
     detector.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     t0 = time.perf_counter()

@@ -1,8 +1,15 @@
-"""COCO box evaluation with pycocotools, and gathering detections across ranks."""
+"""COCO box evaluation with pycocotools, and gathering detections across ranks.
+
+pycocotools is given a ground truth normalised in memory (:func:`load_ground_truth`), not
+the raw file, so that every annotation file the reader accepts can be evaluated: many
+converters write files without ``iscrowd`` or ``area``, on which pycocotools fails with a
+``KeyError`` at the first evaluation, hours into a run.
+"""
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data.coco import COCO_CATEGORIES, DatasetError
+
 __all__ = [
     "COCO_STAT_NAMES",
     "EvalResult",
     "to_coco_results",
     "CocoEvaluator",
+    "UndefinedAPError",
     "gather_results",
+    "load_ground_truth",
 ]
 
 # The 12 numbers of COCOeval.summarize() for bbox, in order.
@@ -103,22 +114,146 @@ def _dedupe(parts: list[tuple[list[dict], list[int]]]) -> tuple[list[dict], list
     return out_results, out_ids
 
 
+class UndefinedAPError(DatasetError):
+    """COCO AP cannot be computed: the evaluated images have no (non-crowd) ground truth.
+
+    pycocotools would report its "no ground truth" sentinel -1, which must never be logged
+    as an ``eval_accuracy``. The message names the annotation file.
+    """
+
+
+def _as_int(value, what: str) -> int:
+    # As the reader's numpy int64 conversion: ints, floats (truncated), numeric strings.
+    if isinstance(value, (bool, int, float, str, np.integer, np.floating)):
+        try:
+            return int(value)
+        except (ValueError, OverflowError):
+            pass
+    raise ValueError(f"{what} {value!r} is not an integer")
+
+
+def _as_number(value, what: str) -> float:
+    if isinstance(value, (bool, int, float, np.integer, np.floating)) and math.isfinite(float(value)):
+        return float(value)
+    raise ValueError(f"{what} {value!r} is not a finite number")
+
+
+def load_ground_truth(annotation_file: str | Path) -> dict:
+    """The COCO ``dataset`` dict pycocotools needs for bbox evaluation, from ``annotation_file``.
+
+    Normalised so that every file the reader (:class:`~single_stage_detector.data.coco.CocoDetection`)
+    accepts evaluates:
+
+    * image and category ids become ints (as the reader makes them, so that detections,
+      which carry the reader's ids, match);
+    * annotations get ``iscrowd`` 0 when absent (a bool becomes 0/1) and ``area`` = box
+      ``w * h`` when absent (the file's own value, a mask area in COCO, is kept otherwise);
+    * annotation ids are renumbered 1..N: pycocotools keys its index by them (duplicates
+      would silently drop boxes) and treats a match with ground-truth id 0 as no match;
+    * ``categories`` is the 80 COCO categories plus any other id used, so no ground truth
+      is skipped because the file's list is short (categories without ground truth do not
+      enter the mean AP);
+    * segmentations are left out (bbox evaluation does not read them).
+
+    Raises:
+        DatasetError: the file is missing or not JSON, or an entry lacks a key the reader
+            also requires or holds a non-numeric value; the message names the file and entry.
+    """
+    from .data.coco import _load_json
+
+    path = Path(annotation_file)
+    data = _load_json(path)
+    images: list[dict] = []
+    for i, im in enumerate(data["images"]):
+        try:
+            entry = {"id": _as_int(im["id"], "id"), "height": _as_int(im["height"], "height"),
+                     "width": _as_int(im["width"], "width")}
+            if "file_name" in im:
+                entry["file_name"] = str(im["file_name"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: image entry #{i} (id {_get(im, 'id')}): {_why(e)}") from None
+        images.append(entry)
+    annotations: list[dict] = []
+    for i, a in enumerate(data["annotations"]):
+        try:
+            bbox = a["bbox"]
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise ValueError(f"bbox {bbox!r} is not [x, y, w, h]")
+            bbox = [_as_number(v, "bbox value") for v in bbox]
+            area = a.get("area")
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": _as_int(a["image_id"], "image_id"),
+                "category_id": _as_int(a["category_id"], "category_id"),
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3] if area is None else _as_number(area, "area"),
+                "iscrowd": int(bool(a.get("iscrowd", 0))),
+            })
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: annotation entry #{i} (id {_get(a, 'id')}): {_why(e)}") from None
+    names = {c["id"]: c["name"] for c in COCO_CATEGORIES}
+    for c in data["categories"]:
+        try:
+            names.setdefault(_as_int(c["id"], "id"), str(c.get("name", c["id"])))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # the categories list is not used by the reader either
+    for a in annotations:
+        names.setdefault(a["category_id"], str(a["category_id"]))
+    categories = [{"id": k, "name": names[k]} for k in sorted(names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _get(entry, key):
+    return entry.get(key, "?") if isinstance(entry, dict) else "?"
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, KeyError):
+        return f"misses key {e.args[0]!r}"
+    if isinstance(e, TypeError):
+        return "is not a JSON object with the expected keys"
+    return str(e)
+
+
 class CocoEvaluator:
-    """Runs ``pycocotools`` COCOeval (bbox) on a ground-truth annotation file."""
+    """Runs ``pycocotools`` COCOeval (bbox) on the ground truth of an annotation file.
+
+    The ground truth is :func:`load_ground_truth` of the file (normalised in memory).
+
+    Attributes:
+        annotation_file (str): the file, for messages.
+        coco_gt: the ``pycocotools.coco.COCO`` index.
+        num_annotations (int): non-crowd ground-truth boxes in the file (what AP is computed on).
+    """
 
     def __init__(self, annotation_file: str | Path) -> None:
         from pycocotools.coco import COCO
 
         self.annotation_file = str(annotation_file)
+        dataset = load_ground_truth(annotation_file)
         with contextlib.redirect_stdout(io.StringIO()):
-            self.coco_gt = COCO(self.annotation_file)
+            self.coco_gt = COCO()
+            self.coco_gt.dataset = dataset
+            self.coco_gt.createIndex()
+        self.num_annotations = sum(1 for a in dataset["annotations"] if not a["iscrowd"])
+
+    def _count_ground_truth(self, ids: Sequence[int]) -> int:
+        return sum(1 for i in ids for a in self.coco_gt.imgToAnns.get(i, ()) if not a["iscrowd"])
 
     def evaluate(self, results: list[dict], image_ids: Sequence[int] | None = None) -> EvalResult:
-        """Evaluate COCO result dicts over ``image_ids`` (default: every image in the file)."""
+        """Evaluate COCO result dicts over ``image_ids`` (default: every image in the file).
+
+        Raises:
+            UndefinedAPError: none of the evaluated images has a non-crowd ground-truth box
+                (pycocotools would give AP -1).
+        """
         from pycocotools.cocoeval import COCOeval
 
         start = time.perf_counter()
         ids = sorted(set(image_ids)) if image_ids is not None else sorted(self.coco_gt.getImgIds())
+        if self._count_ground_truth(ids) == 0:
+            raise UndefinedAPError(f"val annotation file {self.annotation_file} has no annotations for the "
+                                   f"{len(ids)} evaluated image(s): AP is undefined")
         if not results:
             # loadRes rejects an empty list; no detection means AP 0 by definition.
             stats = {name: 0.0 for name in COCO_STAT_NAMES}
@@ -133,5 +268,8 @@ class CocoEvaluator:
             ev.accumulate()
             ev.summarize()
         stats = {name: float(v) for name, v in zip(COCO_STAT_NAMES, np.asarray(ev.stats).tolist())}
+        if not stats["AP"] >= 0.0:  # -1 (no ground truth) or NaN: never an accuracy
+            raise UndefinedAPError(f"COCO AP is undefined ({stats['AP']}) on {len(ids)} image(s) of "
+                                   f"{self.annotation_file}")
         return EvalResult(ap=stats["AP"], stats=stats, num_images=len(ids), num_detections=len(results),
                           seconds=time.perf_counter() - start, summary=buf.getvalue())

@@ -7,6 +7,7 @@ fails the compliance checker hours later.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,16 @@ HYPERPARAMETER_KEYS = (
     C.OPT_LR_WARMUP_STEPS, C.OPT_LR_WARMUP_FACTOR, C.MAX_SAMPLES,
     C.OPT_LR_DECAY_BOUNDARY_EPOCHS, C.GRADIENT_ACCUMULATION_STEPS,
 )
+
+
+def _check_accuracy(value: Any) -> None:
+    """An ``eval_accuracy`` must be a COCO AP in [0, 1]: never pycocotools' "no ground truth"
+    sentinel -1 or a NaN, which the checkers would read as a (failed) accuracy."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0.0 <= value <= 1.0
+    if not ok:
+        raise ValueError(f"refusing to log eval_accuracy {value!r}: an accuracy is a COCO AP in [0, 1] "
+                         "(pycocotools gives -1 when the evaluated images have no ground truth)")
 
 
 class _FlushingFileHandler(logging.FileHandler):
@@ -100,6 +111,8 @@ class MLPerfLogger:
             self._seen.add(tag)
 
     def event(self, key: str, value: Any = None, metadata: Mapping[str, Any] | None = None) -> None:
+        if key == C.EVAL_ACCURACY:
+            _check_accuracy(value)  # on every rank, so that all of them stop alike
         if not self.enabled:
             return
         self._guard(key, "event")

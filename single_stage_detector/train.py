@@ -6,6 +6,7 @@ includes reading the dataset, training and every evaluation.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -22,10 +23,10 @@ from .config import ConfigError, TrainConfig
 from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
 from .detector import SSDDetector
-from .distributed import (DistInfo, barrier, broadcast_float, broadcast_seed, init_distributed, seed_everything,
-                          shutdown, sync_batch_norm)
+from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast_float, broadcast_seed,
+                          init_distributed, seed_everything, shutdown, sum_over_ranks, sync_batch_norm)
 from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, train_one_epoch
-from .evaluation import CocoEvaluator
+from .evaluation import CocoEvaluator, UndefinedAPError
 from .mlperf_log import C, MLPerfLogger, move_aside
 from .models import build_model, count_parameters
 from .models.mlperf_names import mlperf_tensor_names
@@ -109,6 +110,7 @@ class _ModelParts:
     detector: SSDDetector     # network + box coder + loss + post-processing; used for evaluation
     train_module: nn.Module   # what the training step calls: the detector, maybe DDP- and compile-wrapped
     amp: AmpSettings
+    eval_amp: AmpSettings
     channels_last: bool
 
 
@@ -123,25 +125,31 @@ def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
     model = _build_sync_bn(model, cfg, info)
     detector = SSDDetector(model, preset.box_spec).to(info.device)
     amp = AmpSettings.resolve(cfg.amp, info.device)
+    eval_amp = AmpSettings.resolve_eval(cfg.eval_amp, info.device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
     if channels_last:
         detector = detector.to(memory_format=torch.channels_last)
     train_module: nn.Module = detector
     if info.distributed:
+        # broadcast_buffers=False: each rank keeps the BN running statistics of its own data,
+        # averaged over the ranks before each evaluation (engine.evaluate), as the reference
+        # and NVIDIA's v0.7 code do (apex DDP), rather than rank 0's copied at every step.
         train_module = nn.parallel.DistributedDataParallel(
-            detector, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            detector, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=False)
     if cfg.compile:
         train_module = torch.compile(train_module)
-    return _ModelParts(model, detector, train_module, amp, channels_last)
+    return _ModelParts(model, detector, train_module, amp, eval_amp, channels_last)
 
 
 def _derived_settings(cfg: TrainConfig, info: DistInfo, division: str, seed: int, global_batch: int, lr: float,
-                      amp: AmpSettings, channels_last: bool, model: nn.Module, log_file: str) -> dict:
+                      amp: AmpSettings, eval_amp: AmpSettings, channels_last: bool, model: nn.Module,
+                      log_file: str) -> dict:
     """The values the run computed from its flags and its launch (recorded in config.json)."""
     return {
         "division": division, "seed": seed, "world_size": info.world_size, "device": str(info.device),
         "global_batch_size": global_batch, "learning_rate": lr, "bn_span": cfg.resolved_bn_span(),
-        "amp": str(amp.dtype).replace("torch.", "") if amp.enabled else "off (fp32)",
+        "amp": amp.describe(), "eval_amp": eval_amp.describe(),
         "channels_last": channels_last, "evaluation_epochs": cfg.evaluation_epochs(),
         "parameters": count_parameters(model), "backbone_pretrained": getattr(model, "backbone_pretrained", False),
         "log_file": log_file,
@@ -200,6 +208,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     # -- model, optimiser --------------------------------------------------------------------
     m = _build_model(cfg, preset, info, say)
     model, detector, train_module, amp, channels_last = m.model, m.detector, m.train_module, m.amp, m.channels_last
+    eval_amp = m.eval_amp
     global_batch = cfg.global_batch_size(info.world_size)
     lr = cfg.learning_rate(info.world_size)
     optimizer = torch.optim.SGD(detector.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -212,7 +221,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
         C.OPT_WEIGHT_DECAY: cfg.weight_decay,
         C.MODEL_BN_SPAN: cfg.resolved_bn_span(),
         C.OPT_LR_WARMUP_STEPS: cfg.warmup_steps,
-        C.OPT_LR_WARMUP_FACTOR: cfg.warmup_factor,
+        C.OPT_LR_WARMUP_FACTOR: int(cfg.warmup_factor),  # an integer in the rules (logged 1, not 1.0)
         C.MAX_SAMPLES: cfg.max_samples,
         C.OPT_LR_DECAY_BOUNDARY_EPOCHS: list(cfg.lr_decay_epochs),
         C.GRADIENT_ACCUMULATION_STEPS: cfg.gradient_accumulation_steps,
@@ -220,12 +229,14 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     if preset.is_benchmark:
         mlog.weights_initialization(list(mlperf_tensor_names(model).values()))
 
-    derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, channels_last, model, log_file)
+    derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, eval_amp, channels_last, model,
+                                log_file)
     if info.is_main:
         write_json(_resolved_config(cfg, derived), os.path.join(cfg.output_dir, "config.json"))
     say(f"preset {preset.name}: {count_parameters(model) / 1e6:.2f} M parameters, input {preset.input_size}, "
         f"{preset.box_spec.num_boxes} default boxes; device {info.device} x {info.world_size}, "
-        f"amp {derived['amp']}, global batch {global_batch}, lr {lr:.4g}, division {division}")
+        f"amp {derived['amp']} (eval {derived['eval_amp']}), global batch {global_batch}, lr {lr:.4g}, "
+        f"division {division}")
 
     mlog.end(C.INIT_STOP)
     barrier()
@@ -246,9 +257,12 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
         mlog.event(C.TRAIN_SAMPLES, data.train_samples)
         mlog.event(C.EVAL_SAMPLES, data.eval_samples)
         evaluator = CocoEvaluator(data.val_annotation_file) if info.is_main else None
+        _check_val_has_ground_truth(data, evaluator, info)
         label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
-        steps_per_epoch = data.train_steps // cfg.gradient_accumulation_steps
-        if steps_per_epoch < 1:
+        # Every image once per epoch (the last partial batch kept, as the reference): the last
+        # optimiser step of an epoch may hold fewer micro-batches and images.
+        steps_per_epoch = -(-data.train_steps // cfg.gradient_accumulation_steps)
+        if global_batch > data.train_samples and not cfg.eval_only:  # --eval-only trains nothing
             raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes x accumulation "
                               f"{cfg.gradient_accumulation_steps} exceeds the {data.train_samples} training images")
         schedule = LRSchedule(lr, cfg.warmup_steps, cfg.warmup_factor, tuple(cfg.lr_decay_epochs),
@@ -260,7 +274,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
 
         if cfg.eval_only:
             # No training: one evaluation of the initial (--init-checkpoint) weights, epoch_num 0.
-            last_ap, record_ = _evaluate_and_log(0, detector, data, evaluator, label_to_category, amp, info,
+            last_ap, record_ = _evaluate_and_log(0, detector, data, evaluator, label_to_category, eval_amp, info,
                                                  channels_last, mlog, metrics, run_start, say, cfg)
             evaluations.append(record_)
             status = "success" if last_ap >= cfg.threshold else "aborted"
@@ -271,18 +285,20 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
                                     start_step=step, schedule=schedule, amp=amp, scaler=scaler, info=info,
                                     accumulation_steps=cfg.gradient_accumulation_steps,
                                     channels_last=channels_last, log_every=cfg.log_every, metrics=metrics,
-                                    steps_per_epoch=steps_per_epoch)
+                                    steps_per_epoch=steps_per_epoch, epoch_samples=data.train_samples,
+                                    batch_size=cfg.batch_size)
             step += stats.steps
             skipped += stats.skipped_samples
             epochs_done = epoch
             mlog.end(C.EPOCH_STOP, metadata={C.EPOCH_NUM: epoch})
-            say(f"epoch {epoch} done: {stats.images * info.world_size / max(stats.seconds, 1e-9):.0f} img/s, "
+            trained = sum_over_ranks(stats.images, info)  # every image once per epoch: == train_samples
+            say(f"epoch {epoch} done: {trained} images, {trained / max(stats.seconds, 1e-9):.0f} img/s, "
                 f"{stats.seconds:.1f} s")
-            metrics.write(kind="epoch", epoch=epoch, seconds=stats.seconds,
-                          images_per_s=stats.images * info.world_size / max(stats.seconds, 1e-9))
+            metrics.write(kind="epoch", epoch=epoch, seconds=stats.seconds, images=trained,
+                          images_per_s=trained / max(stats.seconds, 1e-9))
             if epoch not in eval_epochs:
                 continue
-            ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, info,
+            ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, eval_amp, info,
                                             channels_last, mlog, metrics, run_start, say, cfg)
             last_ap = ap
             evaluations.append(record_)
@@ -302,6 +318,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     metrics.close()
     data.close()  # stop loader workers / DALI pipelines before writing the checkpoint
 
+    if cfg.save_checkpoint and info.distributed:
+        average_batch_norm_stats(detector)  # the saved model is the one all ranks evaluate (collective)
     if cfg.save_checkpoint and info.is_main:
         save_checkpoint({
             "model": detector.model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -321,14 +339,38 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     return result
 
 
+def _check_val_has_ground_truth(data, evaluator: CocoEvaluator | None, info: DistInfo) -> None:
+    """Refuse, on every rank, a val split on which COCO AP is undefined (no ground-truth box),
+    before any training: such a run would log AP 0.0 or pycocotools' sentinel -1."""
+    message = f"val annotation file {data.val_annotation_file} has no annotations: AP is undefined"
+    if data.eval_samples == 0:  # the reader kept no val image: none has a usable box
+        raise ConfigError(message)
+    # --eval-all-images keeps images without boxes: count the ground truth itself (rank 0 has it).
+    count = broadcast_float(float(evaluator.num_annotations) if evaluator is not None else 0.0, info)
+    if count == 0:
+        raise ConfigError(message)
+
+
 def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, info, channels_last, mlog, metrics,
                       run_start, say, cfg) -> tuple[float, dict]:
     """One distributed evaluation (every rank infers its shard, rank 0 scores) logged by rank 0;
-    returns rank 0's AP on every rank, so that all ranks take the same stop decision."""
+    returns rank 0's AP on every rank, so that all ranks take the same stop decision.
+
+    An undefined AP (no ground truth among the evaluated images) stops every rank with
+    :class:`UndefinedAPError`; nothing is logged as ``eval_accuracy`` then."""
     mlog.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch})
-    result = evaluate(detector, data.eval, evaluator, label_to_category, amp=amp, info=info,
-                      channels_last=channels_last)
-    ap = broadcast_float(result.ap, info)
+    undefined: UndefinedAPError | None = None
+    try:
+        result = evaluate(detector, data.eval, evaluator, label_to_category, amp=amp, info=info,
+                          channels_last=channels_last)
+    except UndefinedAPError as e:  # raised on rank 0 only: tell the others through the broadcast
+        undefined = e
+    ap = broadcast_float(float("nan") if undefined is not None else result.ap, info)
+    if undefined is not None:
+        raise undefined
+    if math.isnan(ap):
+        raise UndefinedAPError(f"rank 0 could not compute the COCO AP on {data.val_annotation_file} "
+                               "(see its error)")
     mlog.event(C.EVAL_ACCURACY, ap, metadata={C.EPOCH_NUM: epoch})
     mlog.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch})
     record_ = {"epoch": epoch, "ap": ap, "seconds": result.seconds, "elapsed_s": time.time() - run_start,

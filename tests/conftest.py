@@ -10,3 +10,17 @@ def small_coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("small_coco")
     ensure_synthetic_coco(root, num_train=64, num_val=16, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One `demo` run (the CPU demo's defaults, ~1 min on 2 cores), shared by the tests that
+    need a trained checkpoint: ``{"out": output folder, "data": its synthetic dataset, "proc": the process}``."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("demo_run")
+    out, data = root / "demo", root / "synthetic"
+    proc = subprocess.run([sys.executable, "-m", "single_stage_detector", "demo", "--data-dir", str(data),
+                           "--output-dir", str(out)], capture_output=True, text=True, cwd=root, timeout=900)
+    return {"out": out, "data": data, "proc": proc}

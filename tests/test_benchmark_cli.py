@@ -17,3 +17,22 @@ def test_benchmark_prints_a_table(small_coco, tmp_path):
     assert "train step" in parts and "inference" in parts and "data pipeline" in parts
     for ln in rows:
         assert float(ln.split()[-1]) > 0
+
+
+def test_benchmark_components_against_plain_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "single_stage_detector", "benchmark", "--parts", "components", "--batch-size", "2",
+         "--warmup", "0", "--iters", "1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "device: CPU" in out and "threads" in out and "fp32" in out
+    rows = [ln for ln in out.splitlines() if re.search(r"\s2\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", ln)]
+    text = "\n".join(rows)
+    assert len(rows) == 4, out
+    assert "encode" in text and "COCO-like counts" in text and "60 boxes" in text
+    assert "loss forward + backward" in text and "A=8732, C=81" in text
+    assert "decode + NMS" in text and "candidates/image" in text
+    for ln in rows:
+        ours, plain = (float(v) for v in ln.split()[-3:-1])
+        assert ours > 0 and plain > 0

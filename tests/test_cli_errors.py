@@ -39,7 +39,7 @@ def test_wrong_flag_value_names_the_flag(small_coco, tmp_path):
 
 def test_non_finite_loss_stops_with_terms_printed(small_coco, tmp_path):
     proc = _run(["train", *TINY, "--data-dir", str(small_coco), "--output-dir", str(tmp_path / "o"),
-                 "--lr", "1e20", "--warmup-steps", "1", "--epochs", "3"], tmp_path)
+                 "--lr", "1e20", "--warmup-steps", "1", "--epochs", "3", "--eval-every", "1"], tmp_path)
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "non-finite loss" in proc.stderr and "loc=" in proc.stderr and "cls=" in proc.stderr
     log = (tmp_path / "o" / "mlperf.log").read_text().splitlines()
@@ -57,4 +57,6 @@ def test_corrupt_jpeg_is_skipped_and_counted(small_coco, tmp_path):
                  "--eval-every", "1"], tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert victim in proc.stderr  # the warning names the file
-    assert "skipped samples   1" in proc.stdout
+    assert "skipped images    1 train (unreadable 1;" in proc.stdout
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["dataset_stats"]["images_skipped_unreadable"] == 1

@@ -48,8 +48,9 @@ def test_bad_values_name_the_flag(kwargs, flag):
         cfg.validate()
 
 
-@pytest.mark.parametrize("bounds,ok", [((40, 50), True), ((44, 55), True), ((48, 60), True),
-                                       ((45, 55), False), ((44, 56), False), ((40,), False)])
+@pytest.mark.parametrize("bounds,ok", [((40, 50), True), ((44, 55), True), ((48, 60), True), ((36, 45), True),
+                                       ((45, 55), False), ((44, 56), False), ((40,), False),
+                                       ((44, 60), False), ((40, 55), False)])  # one k for the pair
 def test_closed_division_decay_boundary_rule(bounds, ok):
     cfg = TrainConfig(data_dir="/d", lr_decay_epochs=bounds)
     if ok:
@@ -78,3 +79,48 @@ def test_lr_schedule_warmup_and_decay():
     assert s(60) == pytest.approx(0.01)
     f1 = LRSchedule(1.0, 10, 1.0, (), 0.1, 20)
     assert f1(0) == pytest.approx(0.5)      # factor 1 starts at half the LR
+
+
+@pytest.mark.parametrize("field,value,flag", [("threshold", 0.2, "--threshold"),
+                                              ("lr_decay_factor", 0.2, "--lr-decay-factor"),
+                                              ("momentum", 0.95, "--momentum")])
+def test_closed_division_fixes_target_decay_factor_and_momentum(field, value, flag):
+    cfg = TrainConfig(data_dir="/d", lr_decay_epochs=(44, 55), **{field: value})
+    with pytest.raises(ConfigError, match=flag):
+        cfg.validate(closed=True)
+    cfg.validate(closed=False)  # free in the open division
+    TrainConfig(data_dir="/d", lr_decay_epochs=(44, 55)).validate(closed=True)  # the defaults are the rules'
+
+
+def test_warmup_factor_is_an_integer():
+    assert _parse(["--data-dir", "/d", "--warmup-factor", "1"]).warmup_factor == 1
+    with pytest.raises(SystemExit):  # argparse: "argument --warmup-factor: invalid int value: '0.5'"
+        _parse(["--data-dir", "/d", "--warmup-factor", "0.5"])
+    for bad in (0.5, 1.0, -1):
+        with pytest.raises(ConfigError, match="--warmup-factor"):
+            TrainConfig(data_dir="/d", warmup_factor=bad).validate()
+
+
+def test_a_schedule_without_evaluation_is_refused():
+    with pytest.raises(ConfigError, match="--epochs: 2 with --eval-every 5 schedules no evaluation"):
+        TrainConfig(data_dir="/d", epochs=2, eval_every=5).validate()
+    with pytest.raises(ConfigError, match="--eval-every 1 --eval-start 3"):
+        TrainConfig(data_dir="/d", epochs=2, eval_every=1, eval_start=3).validate()
+    with pytest.raises(ConfigError, match="--eval-epochs 90"):
+        TrainConfig(data_dir="/d", epochs=80, eval_epochs=(90,)).validate()
+    TrainConfig(data_dir="/d", epochs=2, eval_every=5, eval_only=True).validate()  # evaluates once anyway
+    TrainConfig(data_dir="/d", epochs=5, eval_every=5).validate()
+
+
+def test_eval_precision_is_its_own_setting_and_fp32_by_default():
+    import torch
+
+    from single_stage_detector.engine import AmpSettings
+
+    assert TrainConfig(data_dir="/d").eval_amp == "auto"
+    for device in ("cpu", "cuda"):
+        assert not AmpSettings.resolve_eval("auto", torch.device(device)).enabled  # fp32 (docs/ACCURACY.md)
+    assert AmpSettings.resolve("auto", torch.device("cuda")).dtype == torch.bfloat16  # training: unchanged
+    assert AmpSettings.resolve_eval("bf16", torch.device("cpu")).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="--eval-amp"):
+        TrainConfig(data_dir="/d", eval_amp="fp8").validate()

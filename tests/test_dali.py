@@ -27,6 +27,11 @@ pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not
 
 SIZE = 300
 REPO = Path(__file__).resolve().parents[1]
+# The CPU-only graph everywhere; the GPU graph (mixed decode, GPU crop/flip/resize/normalise,
+# encoding on the GPU) where CUDA is available.
+_BRANCHES = [pytest.param(None, id="cpu"),
+             pytest.param(0, id="gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="the GPU graph needs CUDA"))]
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +49,24 @@ def _files(index: CocoDetection) -> list[str]:
     return [index.image_info(i)["file_name"] for i in index.image_ids]
 
 
+def _reader_file(coco, split: str) -> tuple[CocoDetection, Path]:
+    """The index of ``split`` and the cleaned annotation file the DALI reader reads (as the pipeline writes it)."""
+    img_dir, ann = coco[split]
+    index = CocoDetection(img_dir, ann, skip_empty=True)
+    path = coco["root"] / f"{split}_reader.json"
+    if not path.exists():
+        index.write_reader_annotations(path)
+    return index, path
+
+
 def _train_loader(coco, **kw):
     from single_stage_detector.data.dali import DaliTrainLoader
 
-    img_dir, ann = coco["train"]
-    files = _files(CocoDetection(img_dir, ann))
+    img_dir, _ = coco["train"]
+    index, reader_ann = _reader_file(coco, "train")
     args = dict(batch_size=16, input_size=SIZE, seed=5, num_threads=1, default_boxes=default_boxes(SSD300_BOX_SPEC))
     args.update(kw)
-    return DaliTrainLoader(img_dir, ann, files, **args)
+    return DaliTrainLoader(img_dir, reader_ann, index.file_names, **args)
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -145,15 +160,17 @@ def test_dali_box_encoder_breaks_ties_differently():
 # -- exactness with augmentation off -----------------------------------------------------
 
 
-def test_no_augmentation_matches_torch_path(coco):
-    loader = _train_loader(coco, augment=False)
+@pytest.mark.parametrize("device_id", _BRANCHES)
+def test_no_augmentation_matches_torch_path(coco, device_id):
+    loader = _train_loader(coco, augment=False, device_id=device_id)
     img_dir, ann = coco["train"]
     ref = CocoDetection(img_dir, ann, transform=SSDEvalTransform(SIZE))
     coder = BoxCoder(default_boxes(SSD300_BOX_SPEC))
     loader.set_epoch(1)
     seen, max_diff, mean_diff = 0, 0.0, []
     for batch in loader:
-        assert batch.images.shape == (16, 3, SIZE, SIZE) and batch.images.dtype == torch.float32
+        assert batch.images.shape[1:] == (3, SIZE, SIZE) and batch.images.dtype == torch.float32
+        batch = batch.to("cpu")
         ref_samples = [ref[ref.image_ids.index(int(i))] for i in batch.image_ids]
         ref_images = torch.stack([s.image for s in ref_samples])
         diff = (batch.images - ref_images).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255  # 8-bit levels
@@ -168,7 +185,7 @@ def test_no_augmentation_matches_torch_path(coco):
         assert torch.allclose(loc, r_loc, atol=1e-4)
         assert torch.equal(batch.orig_sizes, torch.tensor([list(s.orig_size) for s in ref_samples]))
         seen += len(batch)
-    assert seen == 48
+    assert seen == 63  # every image, the last partial batch (15) included
     # Same decoded pixels, same resize (bilinear with antialiasing): at most one grey level of rounding
     # (measured: mean 0.14, max 1.0 levels).
     assert float(np.mean(mean_diff)) < 0.5, mean_diff
@@ -240,20 +257,24 @@ def test_augmentation_statistics_match_torch(coco):
 
 
 def test_train_epochs_sharded_and_deterministic(coco):
-    # 63 images over 2 ranks, batch 10: 3 batches per rank and epoch on both ranks.
+    # 63 images over 2 ranks, batch 10: every image once per epoch (the last partial batches
+    # kept), 4 batches per rank and epoch on both ranks (shards of 31 and 32 images).
     loaders = [_train_loader(coco, batch_size=10, rank=r, world_size=2, default_boxes=None, seed=3)
                for r in range(2)]
-    assert [len(lo) for lo in loaders] == [3, 3]
+    assert [len(lo) for lo in loaders] == [4, 4]
     orders = []
     for epoch in (1, 2, 3):
         ids = []
         for lo in loaders:
             lo.set_epoch(epoch)
-            rank_ids = [int(i) for b in lo for i in b.image_ids]
-            assert len(rank_ids) == 30
+            batches = list(lo)
+            assert len(batches) == 4 and all(len(b) == 10 for b in batches[:3])
+            rank_ids = [int(i) for b in batches for i in b.image_ids]
+            assert len(set(rank_ids)) == len(rank_ids), "a sample repeated within an epoch"
             ids.append(rank_ids)
+        assert sorted(len(i) for i in ids) == [31, 32]
         assert not set(ids[0]) & set(ids[1]), "ranks overlap within an epoch"
-        assert len(set(ids[0])) == 30 and len(set(ids[1])) == 30, "a sample repeated within an epoch"
+        assert len(set(ids[0]) | set(ids[1])) == 63, "an image was not trained on in this epoch"
         orders.append(ids[0])
     assert orders[0] != orders[1] != orders[2], "epochs are not reshuffled"
     for lo in loaders:
@@ -291,17 +312,19 @@ def test_train_early_stop_does_not_leak_into_next_epoch(coco):
     ref.close()
 
 
+@pytest.mark.parametrize("device_id", _BRANCHES)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_eval_every_image_once(coco, world_size):
+def test_eval_every_image_once(coco, world_size, device_id):
     from single_stage_detector.data.dali import DaliEvalLoader
 
-    img_dir, ann = coco["val"]
-    index = CocoDetection(img_dir, ann)
-    files = _files(index)
+    img_dir, _ = coco["val"]
+    index, reader_ann = _reader_file(coco, "val")
+    files = index.file_names
     ids = []
     for rank in range(world_size):
-        lo = DaliEvalLoader(img_dir, ann, files, batch_size=5, input_size=SIZE, rank=rank, world_size=world_size,
-                            num_threads=1)
+        lo = DaliEvalLoader(img_dir, reader_ann, files, batch_size=5, input_size=SIZE, rank=rank,
+                            world_size=world_size, num_threads=1, device_id=device_id,
+                            image_sizes={i: index.image_size(k) for k, i in enumerate(index.image_ids)})
         for _ in range(2):  # two evaluations: the iterator resets cleanly
             rank_ids = []
             for b in lo:
@@ -331,7 +354,7 @@ def test_build_data_pipeline_dali(coco):
     assert data.train_steps == 5
     data.set_epoch(1)
     batches = list(data.train)
-    assert len(batches) == 5
+    assert len(batches) == 5 and sum(len(b) for b in batches) == 40
     t = batches[0].targets()
     assert t["loc"].shape == (8, preset.box_spec.num_boxes, 4) and t["labels"].shape == (8, preset.box_spec.num_boxes)
     assert sum(len(b) for b in data.eval) == 10
@@ -353,3 +376,86 @@ def test_demo_reaches_target_with_dali(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "success", result
     assert result["ap"] >= 0.23
+
+
+# -- crop geometry: the pixels and boxes the crop window says, on every branch -------------
+
+
+
+def _ramp_dataset(root: Path, n: int = 12) -> tuple[Path, Path]:
+    """PNG images (lossless) whose red channel is the column x and green the row y (pixels),
+    each with one box; the exact pixels and boxes of any crop window follow from the window."""
+    import json
+
+    from PIL import Image
+
+    from single_stage_detector.data.coco import COCO_CATEGORIES
+
+    img_dir = root / "train2017"
+    img_dir.mkdir(parents=True)
+    (root / "annotations").mkdir()
+    w, h = 256, 192
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    pixels = np.stack([x, y * 255 // (h - 1), np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    images, anns = [], []
+    for i in range(1, n + 1):
+        Image.fromarray(pixels).save(img_dir / f"{i:012d}.png")
+        images.append({"id": i, "file_name": f"{i:012d}.png", "width": w, "height": h})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [40.0 + 5 * i, 30.0, 120.0, 90.0],
+                     "iscrowd": 0, "area": 10800.0})
+    ann = root / "annotations" / "instances_train2017.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": COCO_CATEGORIES}))
+    return img_dir, ann
+
+
+@pytest.mark.parametrize("device_id", _BRANCHES)
+def test_crop_window_geometry_is_exact(tmp_path, monkeypatch, device_id):
+    """A drawn crop holds exactly the pixels and boxes of its window (x, y, w, h), flip included.
+
+    Colour jitter is set to identity so the ramp's values are the source coordinates.
+    """
+    import single_stage_detector.data.dali as dali_mod
+    from single_stage_detector.data.dali import DaliTrainLoader
+
+    monkeypatch.setattr(dali_mod, "color_jitter_ranges", lambda: {
+        "brightness": (1.0, 1.0 + 1e-6), "contrast": (1.0, 1.0 + 1e-6), "saturation": (1.0, 1.0 + 1e-6),
+        "hue_degrees": (0.0, 1e-6)})
+    img_dir, ann = _ramp_dataset(tmp_path)
+    index = CocoDetection(img_dir, ann)
+    reader_ann = index.write_reader_annotations(tmp_path / "reader.json")
+    size = 64
+    lo = DaliTrainLoader(img_dir, reader_ann, index.file_names, batch_size=4, input_size=size, seed=2,
+                         num_threads=1, device_id=device_id, default_boxes=None, max_samples=50)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    cropped = 0
+    for epoch in (1, 2, 3):
+        lo.set_epoch(epoch)
+        for batch in lo:
+            crops, flips = lo.last_augmentation["crop"], lo.last_augmentation["flip"]
+            for img, boxes, image_id, (cx, cy, cw, ch), flip in zip(batch.images.float().cpu(), batch.boxes,
+                                                                    batch.image_ids.tolist(), crops.tolist(),
+                                                                    flips.tolist()):
+                cropped += (cw, ch) != (1.0, 1.0)
+                rgb = img * std + mean  # back to 8-bit levels, [3, S, S]
+                # Source coordinates of the output pixel centres (pixel k covers [k, k + 1)).
+                j = torch.arange(size, dtype=torch.float64) + 0.5
+                src_x = (cx + j / size * cw) * 256 - 0.5
+                src_y = (cy + j / size * ch) * 192 - 0.5
+                if flip:
+                    src_x = src_x.flip(0)
+                inner = slice(4, size - 4)  # away from the borders, where the filter clamps
+                red = rgb[0].double().mean(dim=0)[inner]
+                green = rgb[1].double().mean(dim=1)[inner]
+                assert torch.allclose(red, src_x[inner], atol=2.0), (image_id, (cx, cy, cw, ch), flip)
+                assert torch.allclose(green, (src_y * 255 / 191)[inner], atol=2.5), (image_id, (cx, cy, cw, ch))
+                # The box: the source box in the window's frame, clipped, flipped with the image.
+                x, y, bw, bh = 40.0 + 5 * image_id, 30.0, 120.0, 90.0
+                exp = torch.tensor([[(x / 256 - cx) / cw, (y / 192 - cy) / ch,
+                                     ((x + bw) / 256 - cx) / cw, ((y + bh) / 192 - cy) / ch]]).clamp(0, 1)
+                if flip:
+                    exp = torch.stack([1 - exp[:, 2], exp[:, 1], 1 - exp[:, 0], exp[:, 3]], dim=1)
+                if len(boxes):  # the crop keeps the box when its centre is inside the window
+                    assert torch.allclose(boxes.cpu(), exp, atol=1e-5), (boxes, exp)
+    lo.close()
+    assert cropped >= 10  # most draws are real crops, not the whole image

@@ -127,11 +127,12 @@ def small_coco(tmp_path: Path) -> tuple[Path, Path]:
 def test_reader_skip_empty_normalisation_and_crowd(small_coco):
     image_dir, ann = small_coco
     ds = CocoDetection(image_dir, ann)
-    # Image 2 has only a crowd box, image 3 nothing: both skipped; ids sorted.
-    assert ds.image_ids == [1, 4]
-    assert len(ds) == 2
-    assert ds.stats == {"images": 2, "images_skipped_empty": 2, "boxes": 3,
-                        "boxes_dropped_degenerate": 0, "boxes_crowd": 1}
+    # Crowd boxes are targets, as in the MLPerf reference: image 2 (only a crowd box) is kept
+    # and its box is a training target. Image 3 has nothing: skipped. Ids sorted.
+    assert ds.image_ids == [1, 2, 4]
+    assert len(ds) == 3
+    assert ds.stats == {"images": 3, "images_skipped_empty": 1, "boxes": 4,
+                        "boxes_dropped_degenerate": 0, "boxes_clipped": 1, "boxes_crowd": 0}
     s = ds[0]
     assert isinstance(s, Sample)
     assert s.image_id == 1 and s.orig_size == (100, 200)
@@ -140,15 +141,30 @@ def test_reader_skip_empty_normalisation_and_crowd(small_coco):
     assert s.boxes.dtype == torch.float32
     torch.testing.assert_close(s.boxes, expected)
     assert s.labels.tolist() == [1, 80] and s.labels.dtype == torch.int64
-    assert ds[1].labels.tolist() == [coco_id_to_label(18)] == [17]
+    crowd = ds[1]
+    assert crowd.image_id == 2 and crowd.labels.tolist() == [coco_id_to_label(3)]
+    torch.testing.assert_close(crowd.boxes, torch.tensor([[5 / 50, 5 / 50, 25 / 50, 25 / 50]]))
+    assert ds[2].labels.tolist() == [coco_id_to_label(18)] == [17]
     assert ds.image_info(4) == {"id": 4, "file_name": "d.jpg", "height": 40, "width": 40}
     assert ds.label_names[80] == "toothbrush"
 
-    with_crowd = CocoDetection(image_dir, ann, include_crowd=True)
-    assert with_crowd.image_ids == [1, 2, 4] and with_crowd.stats["boxes_crowd"] == 0
+    # The open-division option drops them again.
+    no_crowd = CocoDetection(image_dir, ann, include_crowd=False)
+    assert no_crowd.image_ids == [1, 4] and no_crowd.stats["boxes_crowd"] == 1
     keep_all = CocoDetection(image_dir, ann, skip_empty=False)
     assert keep_all.image_ids == [1, 2, 3, 4]
     assert keep_all[2].boxes.shape == (0, 4) and keep_all[2].labels.shape == (0,)
+
+
+def test_only_crowd_image_becomes_a_positive_target(small_coco):
+    """The golden case of the reference's reader: a crowd-only image trains, its box is matched."""
+    from single_stage_detector.box_coder import BoxCoder, default_boxes_300
+
+    image_dir, ann = small_coco
+    ds = CocoDetection(image_dir, ann)
+    boxes, labels = ds.targets(ds.image_ids.index(2))
+    _, labels_t = BoxCoder(default_boxes_300()).encode([boxes], [labels])
+    assert int((labels_t == coco_id_to_label(3)).sum()) >= 1
 
 
 def test_find_annotation_file_layouts(tmp_path: Path, small_coco):
@@ -163,7 +179,7 @@ def test_find_annotation_file_layouts(tmp_path: Path, small_coco):
     parent = tmp_path / "parent"
     _write_dataset(parent / "coco2017", _coco_dict())
     assert find_annotation_file(parent, "val2017") == parent / "coco2017" / "annotations" / "instances_val2017.json"
-    assert len(CocoDetection.from_dir(parent, "val")) == 2
+    assert len(CocoDetection.from_dir(parent, "val")) == 3
 
 
 def test_missing_dataset_folder_and_file(tmp_path: Path):
@@ -232,10 +248,12 @@ def test_degenerate_boxes_dropped_with_one_warning(tmp_path: Path):
     image_dir, ann = _write_dataset(tmp_path, data)
     with pytest.warns(DataWarning) as rec:
         ds = CocoDetection(image_dir, ann)
-    assert len(rec) == 1
-    assert "4 degenerate" in str(rec[0].message) and str(ann) in str(rec[0].message)
+    degenerate = [r for r in rec if "degenerate box" in str(r.message)]
+    assert len(degenerate) == 1  # one summarised warning (a second one reports the clipped box)
+    assert "4 degenerate" in str(degenerate[0].message) and str(ann) in str(degenerate[0].message)
+    assert any("clipped 1 box(es) past the image border" in str(r.message) for r in rec)
     assert ds.stats["boxes_dropped_degenerate"] == 4
-    assert ds.stats["boxes"] == 3 and ds.image_ids == [1, 4]
+    assert ds.stats["boxes"] == 4 and ds.image_ids == [1, 2, 4]
 
 
 def test_corrupt_images_are_skipped_and_counted(small_coco):
@@ -244,7 +262,7 @@ def test_corrupt_images_are_skipped_and_counted(small_coco):
     good = _jpeg_bytes(40, 40)
     (image_dir / "d.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
     ds = CocoDetection(image_dir, ann, transform=SSDEvalTransform(32))
-    for i, name in enumerate(["a.jpg", "d.jpg"]):
+    for i, name in [(0, "a.jpg"), (2, "d.jpg")]:
         with pytest.warns(DataWarning, match=str(image_dir / name)):
             assert ds[i] is None
     (image_dir / "a.jpg").unlink()  # missing file
@@ -253,7 +271,7 @@ def test_corrupt_images_are_skipped_and_counted(small_coco):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         batches = list(build_eval_loader(ds, 2, num_workers=0))
-    assert len(batches) == 1 and batches[0].skipped == 2 and len(batches[0]) == 0
+    assert sum(b.skipped for b in batches) == 2 and sum(len(b) for b in batches) == 1
 
 
 def test_dataset_with_transform(small_coco):
@@ -449,24 +467,31 @@ def test_collate_detection_fields_and_skips():
     assert len(empty) == 0 and empty.skipped == 2
 
 
-def test_train_loader_shards_disjoint_equal():
-    ds = _ToyDataset(11)
-    shards = []
-    for rank in range(2):
-        loader = build_train_loader(ds, 2, num_workers=0, seed=3, rank=rank, world_size=2)
-        loader.sampler.set_epoch(0)
-        idx = list(loader.sampler)
-        assert len(idx) == 5 and len(loader) == 2  # 11 // 2 per rank, batches of 2, last dropped
-        shards.append(set(idx))
+@pytest.mark.parametrize("n, batch, world_size", [(11, 2, 2), (10, 4, 1), (10, 4, 2), (9, 4, 2), (8, 4, 2)])
+def test_train_loader_every_image_once_per_epoch(n, batch, world_size):
+    """The last partial batch is kept (as the reference): an epoch trains every image once,
+    every rank runs the same number of batches, each at most ``batch`` images."""
+    ds = _ToyDataset(n)
+    seen: list[int] = []
+    steps = []
+    for rank in range(world_size):
+        loader = build_train_loader(ds, batch, num_workers=0, seed=3, rank=rank, world_size=world_size)
+        loader.batch_sampler.set_epoch(1)
         batches = list(loader)
-        assert len(batches) == 2 and all(len(b) == 2 for b in batches)
-    assert not shards[0] & shards[1]
+        steps.append(len(batches))
+        assert len(batches) == len(loader) == math.ceil(n / (batch * world_size))
+        assert all(len(b) <= batch for b in batches) and all(len(b) == batch for b in batches[:-1])
+        seen += [i for b in batches for i in b.image_ids.tolist()]
+    assert sorted(seen) == [1000 + i for i in range(n)]  # each image exactly once
+    assert len(set(steps)) == 1
     # set_epoch reshuffles reproducibly.
-    loader = build_train_loader(ds, 2, num_workers=0, seed=3)
-    loader.sampler.set_epoch(1)
-    e1 = list(loader.sampler)
-    loader.sampler.set_epoch(1)
-    assert list(loader.sampler) == e1
+    loader = build_train_loader(ds, batch, num_workers=0, seed=3)
+    loader.batch_sampler.set_epoch(1)
+    e1 = list(loader.batch_sampler)
+    loader.batch_sampler.set_epoch(1)
+    assert list(loader.batch_sampler) == e1
+    loader.batch_sampler.set_epoch(2)
+    assert list(loader.batch_sampler) != e1 or n < 3
 
 
 def test_train_loader_augmentation_reproducible_with_workers():
@@ -476,7 +501,7 @@ def test_train_loader_augmentation_reproducible_with_workers():
         loader = build_train_loader(ds, 4, num_workers=workers, seed=seed, persistent_workers=False)
         out = []
         for epoch in range(2):
-            loader.sampler.set_epoch(epoch)
+            loader.batch_sampler.set_epoch(epoch)
             out += [float(v) for b in loader for v in b.images[:, 0, 0, 0]]
         return out
 

@@ -30,7 +30,9 @@ from single_stage_detector.distributed import DistInfo, expand_slurm_nodelist, f
 from single_stage_detector.engine import AmpSettings, LRSchedule, train_one_epoch
 from single_stage_detector.models import build_model, get_preset
 
-NUM_TRAIN, NUM_VAL = 16, 10
+# 10 training images at a global batch of 8: the epoch's last global batch holds 2 images,
+# 1 per process (the reference keeps that partial batch).
+NUM_TRAIN, NUM_VAL = 10, 10
 COMMON = ["--preset", "ssd_tiny", "--device", "cpu", "--amp", "off", "--num-workers", "0", "--seed", "11",
           "--no-augment", "--warmup-steps", "0", "--base-lr", "0.04", "--epochs", "1", "--log-every", "1",
           "--max-train-images", str(NUM_TRAIN), "--eval-batch-size", "4", "--dist-timeout-s", "60"]
@@ -44,7 +46,7 @@ EXACTLY_ONCE = ("submission_benchmark", "submission_org", "submission_division",
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_coco")
-    ensure_synthetic_coco(root, num_train=NUM_TRAIN + 4, num_val=NUM_VAL, seed=7)
+    ensure_synthetic_coco(root, num_train=20, num_val=NUM_VAL, seed=7)
     return root
 
 
@@ -126,33 +128,40 @@ def test_sharded_sampling_disjoint_reshuffled_and_world_size_independent():
 
     def shard(rank, world, epoch):
         loader = build_train_loader(data, 4, num_workers=0, seed=seed, rank=rank, world_size=world)
-        loader.sampler.set_epoch(epoch)
-        return list(loader.sampler), len(loader)
+        loader.batch_sampler.set_epoch(epoch)
+        return list(loader.batch_sampler)
 
     for world in (2, 3):
         for epoch in (1, 2):
             shards = [shard(r, world, epoch) for r in range(world)]
-            idx = [s for s, _ in shards]
-            assert len({len(s) for s in idx}) == 1 and len({steps for _, steps in shards}) == 1  # same epoch length
-            flat = [i for s in idx for i in s]
-            assert len(flat) == len(set(flat)) == (n // world) * world  # disjoint
-            # Interleaving the shards gives the single-process order: global batches do not
-            # depend on the number of processes.
-            single = shard(0, 1, epoch)[0]
-            assert [idx[k % world][k // world] for k in range(len(flat))] == single[:len(flat)]
-        assert shard(0, world, 1)[0] != shard(0, world, 2)[0]  # reshuffled every epoch
+            assert len({len(b) for b in shards}) == 1  # the same number of steps on every rank
+            flat = [i for batches in shards for b in batches for i in b]
+            assert sorted(flat) == data  # every image exactly once per epoch, the last partial batch kept
+            # Interleaving the shards step by step gives the single-process order: global
+            # batches do not depend on the number of processes.
+            merged = [b[k] for step in zip(*shards) for k in range(max(map(len, step))) for b in step if k < len(b)]
+            assert merged == [i for b in shard(0, 1, epoch) for i in b]
+        assert shard(0, world, 1) != shard(0, world, 2)  # reshuffled every epoch
 
 
 # -- 1 process vs 2 processes, distributed evaluation, log -----------------------------------
 @pytest.fixture(scope="module")
 def runs(coco, tmp_path_factory):
-    """One process x batch 8 and two processes x batch 4 (bn_span 8), one epoch each."""
+    """One process x batch 8 and two processes x batch 4 (bn_span 8), one epoch (2 steps) each."""
     tmp = tmp_path_factory.mktemp("dist_runs")
-    one = _launch(1, [*COMMON, "--data-dir", str(coco), "--output-dir", str(tmp / "w1"), "--batch-size", "8",
-                      "--eval-start", "2"], tmp)  # no evaluation: only the weights are compared
+    # Warm-up from 0 over 1 step: step 1 has lr 0 (it only fills the momentum buffer), so both
+    # steps' gradients are taken at the same initial weights in both runs. With lr > 0 at step 1,
+    # float32 summation-order differences (SyncBatchNorm over 2 ranks vs BatchNorm over 8) leave
+    # the weights ~4e-7 apart; at step 2 that flips the odd ReLU input lying ~1e-6 from 0, which
+    # gates a large, sparse detection-loss gradient: weights up to 3e-4 apart (seed-dependent),
+    # although the runs agree to 1e-15 in float64. The final weights still compare both steps'
+    # gradients (through the momentum), the data order, SyncBatchNorm and its running statistics.
+    one_step_at_lr0 = ["--warmup-steps", "1"]
+    one = _launch(1, [*COMMON, *one_step_at_lr0, "--data-dir", str(coco), "--output-dir", str(tmp / "w1"),
+                      "--batch-size", "8", "--eval-every", "1"], tmp)
     assert one.returncode == 3, one.stdout[-2000:] + one.stderr[-3000:]
-    two = _launch(2, [*COMMON, "--data-dir", str(coco), "--output-dir", str(tmp / "w2"), "--batch-size", "4",
-                      "--bn-span", "8", "--eval-every", "1"], tmp)
+    two = _launch(2, [*COMMON, *one_step_at_lr0, "--data-dir", str(coco), "--output-dir", str(tmp / "w2"),
+                      "--batch-size", "4", "--bn-span", "8", "--eval-every", "1"], tmp)
     assert two.returncode != 0 and "status            aborted" in two.stdout, two.stdout[-2000:] + two.stderr[-4000:]
     return tmp, one, two
 
@@ -165,6 +174,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert cfg1["global_batch_size"] == cfg2["global_batch_size"] == 8
     assert cfg1["learning_rate"] == cfg2["learning_rate"] == pytest.approx(0.04 * 8 / 32)  # LR from the global batch
     assert cfg2["bn_span"] == 8
+    # Every image once per epoch, with 1 and 2 processes, the last partial batch included.
+    for run in ("w1", "w2"):
+        metrics = [json.loads(x) for x in (tmp / run / "metrics.jsonl").read_text().splitlines()]
+        assert next(m for m in metrics if m["kind"] == "epoch")["images"] == NUM_TRAIN, run
     w1, w2 = _model_state(tmp / "w1" / "checkpoint.pt"), _model_state(tmp / "w2" / "checkpoint.pt")
     init = build_model(get_preset("ssd_tiny")).state_dict()
     assert any(not torch.allclose(init[k].float(), w1[k].float()) for k in init if "running" not in k)  # it trained
@@ -191,16 +204,23 @@ def test_two_process_log_is_rank0_only_and_compliant(runs):
 
 
 def _craft_checkpoint(src, dst, coco):
-    """A checkpoint whose class scores pass the 0.05 threshold for the classes in val,
-    so the evaluation has many detections and a non-zero AP that depends on every image."""
+    """A checkpoint whose heads output their biases only: every image gets the same detections,
+    default boxes (zero offsets) of all but the smallest level, scored above the 0.05 threshold
+    for the classes in val. The evaluation then has many detections and a non-zero AP that
+    depends on every image's ground truth, whatever the weights' initialisation."""
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     ann = json.loads(find_coco_split(coco, "val2017")[1].read_text())
     labels = sorted({COCO_CATEGORY_IDS.index(a["category_id"]) + 1 for a in ann["annotations"]})
     for k, v in ckpt["model"].items():
-        if k.startswith("heads.") and k.endswith(".bias"):
+        if not k.startswith("heads."):
+            continue
+        v.zero_()
+        if k.endswith(".bias"):
             b = v.view(-1, 4 + 81)
-            b[:, 4] -= 6.0
-            b[:, [4 + lab for lab in labels]] += 3.0
+            if int(k.split(".")[1]) > 0:  # level 0's many small boxes would fill the 200 per image
+                b[:, [4 + lab for lab in labels]] = 3.0
+            else:
+                b[:, 5:] = -3.0
     torch.save(ckpt, dst)
 
 
@@ -269,7 +289,7 @@ def test_gradient_accumulation_matches_the_large_batch(coco):
 def test_one_failing_rank_ends_the_launch(coco, tmp_path):
     t0 = time.monotonic()
     proc = _launch(2, [*COMMON, "--data-dir", str(coco), "--output-dir", str(tmp_path / "fault"), "--batch-size", "4",
-                       "--eval-start", "2"], tmp_path, timeout=180, SSD_FAULT_INJECT_RANK="1")
+                       "--eval-every", "1"], tmp_path, timeout=180, SSD_FAULT_INJECT_RANK="1")
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
@@ -277,3 +297,57 @@ def test_one_failing_rank_ends_the_launch(coco, tmp_path):
     assert elapsed < 150
     recs = _mllog(tmp_path / "fault" / "mlperf.log")
     assert [r["metadata"]["status"] for r in recs if r["key"] == "run_stop"] in ([], ["aborted"])
+
+
+# -- BatchNorm running statistics before evaluation ------------------------------------------
+_BN_WORKER = r'''
+import sys
+import torch
+from single_stage_detector.data.coco import COCO_CATEGORY_IDS, CocoDetection, find_coco_split
+from single_stage_detector.data.loader import build_eval_loader
+from single_stage_detector.data.transforms import SSDEvalTransform
+from single_stage_detector.detector import SSDDetector
+from single_stage_detector.distributed import init_distributed, shutdown
+from single_stage_detector.engine import AmpSettings, evaluate
+from single_stage_detector.evaluation import CocoEvaluator
+from single_stage_detector.models import build_model, get_preset
+
+coco, out = sys.argv[1], sys.argv[2]
+info = init_distributed("cpu", 60)
+preset = get_preset("ssd_tiny")
+torch.manual_seed(0)  # the same weights on both ranks ...
+detector = SSDDetector(build_model(preset), preset.box_spec)
+val_dir, val_ann = find_coco_split(coco, "val2017")
+dataset = CocoDetection(val_dir, val_ann, transform=SSDEvalTransform(preset.input_size))
+# ... but BN running statistics from different data (plain BN, no DDP buffer broadcast).
+detector.train()
+with torch.no_grad():
+    detector.model(torch.stack([dataset[i].image for i in range(info.rank * 4, info.rank * 4 + 4)]) * (1 + info.rank))
+bn = lambda: {k: v.clone() for k, v in detector.state_dict().items() if "running_" in k}
+before = bn()
+loader = build_eval_loader(dataset, 4, num_workers=0, rank=info.rank, world_size=info.world_size)
+result = evaluate(detector, loader, CocoEvaluator(val_ann) if info.is_main else None,
+                  torch.tensor([0] + list(COCO_CATEGORY_IDS)), amp=AmpSettings.resolve_eval("auto", info.device),
+                  info=info)
+torch.save({"before": before, "after": bn(), "ap": result.ap,
+            "images_per_rank": getattr(result, "images_per_rank", None)}, f"{out}/rank{info.rank}.pt")
+shutdown()
+'''
+
+
+def test_bn_running_stats_are_averaged_before_evaluation(coco, tmp_path):
+    """2 gloo processes whose BN running statistics differ: after ``evaluate`` both hold the
+    same statistics, their mean (the reference's all-reduce), and rank 0 scored the AP."""
+    script = tmp_path / "bn_worker.py"
+    script.write_text(_BN_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(coco), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=240, env=_clean_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["before"].keys() == r1["before"].keys() and len(r0["before"]) > 10
+    assert all(not torch.allclose(r0["before"][k], r1["before"][k]) for k in r0["before"])
+    for k in r0["before"]:
+        assert torch.equal(r0["after"][k], r1["after"][k]), k  # every rank evaluates the same model
+        torch.testing.assert_close(r0["after"][k], (r0["before"][k] + r1["before"][k]) / 2)
+    assert r0["ap"] >= 0.0 and r0["images_per_rank"] == [NUM_VAL // 2, NUM_VAL // 2]

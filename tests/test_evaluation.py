@@ -96,3 +96,65 @@ def test_dedupe_keeps_each_image_once():
     results, ids = _dedupe(parts)
     assert sorted(ids) == [1, 2, 3]
     assert sorted(x["image_id"] for x in results) == [1, 2, 3]
+
+
+# -- annotation files as converters write them ----------------------------------------------
+def test_ground_truth_without_iscrowd_or_area_evaluates_like_the_full_file(tmp_path):
+    """Real pycocotools on the raw file fails with KeyError 'iscrowd' at the first evaluation;
+    the evaluator's normalised ground truth gives the numbers of the complete file."""
+    gt = _write_gt(tmp_path / "full.json")
+    noflags = json.loads(json.dumps(gt))
+    for a in noflags["annotations"]:
+        del a["iscrowd"], a["area"]
+    (tmp_path / "noflags.json").write_text(json.dumps(noflags))
+    bare = json.loads(json.dumps(noflags))  # ... and more of what converters write
+    for i, a in enumerate(bare["annotations"]):
+        a["id"] = 0 if i == 0 else str(a["id"])  # id 0 (pycocotools' "unmatched" marker) and a numeric string
+        a["image_id"] = str(a["image_id"])
+    bare["categories"] = []  # the reader ignores the list; the ground truth must not be skipped
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [12, 11, 48, 40], "score": 0.9},
+        {"image_id": 1, "category_id": 13, "bbox": [110, 30, 60, 60], "score": 0.7},
+        {"image_id": 2, "category_id": 1, "bbox": [5, 5, 25, 20], "score": 0.3},
+    ]
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(KeyError, match="iscrowd"):
+        raw = COCO(str(tmp_path / "noflags.json"))
+        ev = COCOeval(raw, raw.loadRes(results), "bbox")
+        ev.evaluate()
+    full = CocoEvaluator(tmp_path / "full.json").evaluate(results)
+    assert 0.0 < full.ap < 1.0
+    for name in ("noflags.json", "bare.json"):
+        got = CocoEvaluator(tmp_path / name).evaluate(results)
+        assert got.stats == pytest.approx(full.stats), name  # areas w*h = the file's areas here
+
+
+def test_undefined_ap_is_an_error_never_a_number(tmp_path):
+    from single_stage_detector.evaluation import UndefinedAPError
+
+    gt = _write_gt(tmp_path / "gt.json")
+    gt["images"].append({"id": 3, "file_name": "c.jpg", "height": 10, "width": 10})  # no annotation
+    gt["annotations"].append({"id": 4, "image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    ev = CocoEvaluator(tmp_path / "gt.json")
+    assert ev.num_annotations == 3  # crowd boxes are not ground truth that AP can be computed on
+    det = [{"image_id": 3, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9}]
+    for results in (det, []):
+        with pytest.raises(UndefinedAPError, match="gt.json has no annotations for the 1 evaluated"):
+            ev.evaluate(results, image_ids=[3])
+    empty = {**gt, "annotations": []}
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    assert CocoEvaluator(tmp_path / "empty.json").num_annotations == 0
+
+
+def test_malformed_ground_truth_entry_names_the_file_and_entry(tmp_path):
+    from single_stage_detector.data.coco import DatasetError
+
+    gt = _write_gt(tmp_path / "gt.json")
+    gt["annotations"][1]["category_id"] = "person"
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(DatasetError, match=r"gt.json: annotation entry #1 \(id 2\): category_id 'person'"):
+        CocoEvaluator(tmp_path / "gt.json")

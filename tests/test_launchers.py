@@ -254,6 +254,9 @@ def test_gpu_config_recipes():
     for name in ("1xA100", "1xH100"):
         batch, cfg = recipe(name)
         assert batch == 114 and cfg.lr == pytest.approx(0.09 * 114 / 912)
+    for name in ("DGXA100", "DGXH100", "DGXH100_8x8", "1xA100", "1xH100"):
+        # The cited recipe (NVIDIA v0.7 DGX A100) ran with its code's default warm-up factor 1.
+        assert recipe(name)[1].warmup_factor == 1, name
 
 
 def test_cpu_config_mirrors_the_demo():

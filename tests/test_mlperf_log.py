@@ -55,3 +55,14 @@ def test_an_earlier_log_is_kept_aside_not_appended_to(tmp_path):
     assert [r["value"] for r in _lines(path)] == [3]
     assert [r["value"] for r in _lines(tmp_path / "mlperf.log.1")] == [1]
     assert [r["value"] for r in _lines(tmp_path / "mlperf.log.2")] == [2]
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 1.5, None, "0.3"])
+def test_eval_accuracy_is_never_a_sentinel_or_nan(tmp_path, value):
+    for rank in (0, 1):  # every rank refuses, so that all of them stop alike
+        log = MLPerfLogger(tmp_path / f"run{rank}.log", rank=rank, stdout=False)
+        with pytest.raises(ValueError, match="refusing to log eval_accuracy"):
+            log.event(C.EVAL_ACCURACY, value, metadata={C.EPOCH_NUM: 1})
+        log.event(C.EVAL_ACCURACY, 0.0, metadata={C.EPOCH_NUM: 1})
+        log.close()
+    assert '"eval_accuracy", "value": 0.0' in (tmp_path / "run0.log").read_text()

@@ -136,9 +136,9 @@ def test_presets_registry() -> None:
 
 
 # -- initialisation ---------------------------------------------------------------------------
-def test_xavier_init_on_extras_and_heads(ssd300: SSD) -> None:
-    convs = [m for m in list(ssd300.extras.modules()) + list(ssd300.heads) if isinstance(m, nn.Conv2d)]
-    assert len(convs) == 16
+def test_xavier_init_on_extras(ssd300: SSD) -> None:
+    convs = [m for m in ssd300.extras.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 10
     for conv in convs:
         w = conv.weight.detach()
         fan_in = w.shape[1] * w[0, 0].numel()
@@ -149,6 +149,38 @@ def test_xavier_init_on_extras_and_heads(ssd300: SSD) -> None:
         # PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), not zeroed.
         b = conv.bias.detach()
         assert b.abs().max() <= 1.0 / math.sqrt(fan_in) and b.abs().max() > 0
+
+
+# Golden values: the reference's separate loc conv (n*4 outputs) and class conv (n*81
+# outputs) per level, 3x3 kernels, xavier bound sqrt(6 / (fan_in + fan_out)) worked out by hand:
+# level 0: c_in 256, n 4 -> loc sqrt(6 / (2304 + 144)) = 0.049507, cls sqrt(6 / (2304 + 2916)) = 0.033903
+HEAD_BOUNDS = [  # (c_in, n, loc bound, cls bound)
+    (256, 4, math.sqrt(6 / (256 * 9 + 4 * 4 * 9)), math.sqrt(6 / (256 * 9 + 4 * 81 * 9))),
+    (512, 6, math.sqrt(6 / (512 * 9 + 6 * 4 * 9)), math.sqrt(6 / (512 * 9 + 6 * 81 * 9))),
+    (512, 6, math.sqrt(6 / (512 * 9 + 6 * 4 * 9)), math.sqrt(6 / (512 * 9 + 6 * 81 * 9))),
+    (256, 6, math.sqrt(6 / (256 * 9 + 6 * 4 * 9)), math.sqrt(6 / (256 * 9 + 6 * 81 * 9))),
+    (256, 4, math.sqrt(6 / (256 * 9 + 4 * 4 * 9)), math.sqrt(6 / (256 * 9 + 4 * 81 * 9))),
+    (256, 4, math.sqrt(6 / (256 * 9 + 4 * 4 * 9)), math.sqrt(6 / (256 * 9 + 4 * 81 * 9))),
+]
+
+
+def test_fused_heads_are_initialised_as_the_references_separate_convs(ssd300: SSD) -> None:
+    assert HEAD_BOUNDS[0][2] == pytest.approx(0.049507, abs=1e-6)
+    assert HEAD_BOUNDS[0][3] == pytest.approx(0.033903, abs=1e-6)
+    assert len(ssd300.heads) == len(HEAD_BOUNDS)
+    for head, (c_in, n, loc_bound, cls_bound) in zip(ssd300.heads, HEAD_BOUNDS):
+        w = head.weight.detach()
+        assert w.shape == (n * 85, c_in, 3, 3)
+        per_box = w.view(n, 85, c_in, 3, 3)  # box-major: 4 location channels, then 81 class channels
+        for part, bound in ((per_box[:, :4], loc_bound), (per_box[:, 4:], cls_bound)):
+            assert part.abs().max() <= bound
+            assert part.abs().max() >= 0.99 * bound  # drawn up to the bound (thousands of values)
+            assert part.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.05)
+        # The fused fan-out's bound would have been smaller than the reference's location bound.
+        fused = math.sqrt(6 / (c_in * 9 + n * 85 * 9))
+        assert per_box[:, :4].abs().max() > fused
+        b = head.bias.detach()
+        assert b.abs().max() <= 1.0 / math.sqrt(c_in * 9) and b.abs().max() > 0
 
 
 # -- output layout ----------------------------------------------------------------------------

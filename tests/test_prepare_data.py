@@ -653,6 +653,52 @@ def test_verify_dataset_reports_corrupt_jpeg(dataset_copy):
     assert f"{garbage}: does not decode" in res.stderr
 
 
+def test_verify_dataset_reports_real_world_conditions(tmp_path):
+    """Each condition that once broke a run is reported with its count and an example:
+    EXIF tags and boxes past the border (warn: handled), header problems (FAIL: skipped),
+    string ids and a val split without annotations (FAIL: refused), missing iscrowd/area (warn)."""
+    try:
+        from single_stage_detector.data.synthetic import ensure_synthetic_coco
+    except ImportError as exc:
+        pytest.skip(f"single_stage_detector.data.synthetic not importable ({exc})")
+    from dataset_surgery import (_image_file, _load, _oversized_header, _save, _truncate,
+                                 with_exif_orientation)
+
+    ensure_synthetic_coco(tmp_path, num_train=8, num_val=4, seed=1)
+    exif = _image_file(tmp_path, "train", 0)
+    exif.write_bytes(with_exif_orientation(exif.read_bytes()))
+    truncated = _image_file(tmp_path, "train", 1)
+    _truncate(truncated)
+    bomb = _image_file(tmp_path, "train", 2)
+    bomb.write_bytes(_oversized_header(bomb.read_bytes()))
+    train = _load(tmp_path, "train")
+    train["annotations"][0]["bbox"][0] = -5.0  # past the left border
+    train["images"][3]["id"] = str(train["images"][3]["id"])
+    _save(tmp_path, "train", train)
+    val = _load(tmp_path, "val")
+    for a in val["annotations"]:
+        a.pop("iscrowd", None)
+    _save(tmp_path, "val", val)
+    res = run([sys.executable, VERIFY, tmp_path, "--sample", "0"])
+    out = res.stdout
+    assert res.returncode == 1, out + res.stderr
+    assert re.search(r"^train images with an EXIF orientation tag \(ignored\) +\| 0 +\| 1, e\.g\. .*"
+                     + re.escape(exif.name) + r".*\| warn$", out, re.M), out
+    assert re.search(r"^train boxes past the image border \(clipped\) +\| 0 +\| 1, e\.g\. annotation .*\| warn$",
+                     out, re.M), out
+    assert re.search(r"^train images truncated +\| 0 +\| 1 +\| FAIL$", out, re.M), out
+    assert re.search(r"^train images too large +\| 0 +\| 1 +\| FAIL$", out, re.M), out
+    assert re.search(r"^train ids are JSON integers +\| all +\| \d+ not +\| FAIL$", out, re.M), out
+    assert re.search(r"^val annotations without iscrowd/area +\| 0 +\| \d+, e\.g\. .*\| warn$", out, re.M), out
+    assert truncated.name in res.stderr and bomb.name in res.stderr and "JSON integers" in res.stderr
+    # A val split whose images have no annotation at all.
+    val["annotations"] = []
+    _save(tmp_path, "val", val)
+    res = run([sys.executable, VERIFY, tmp_path, "--sample", "0"])
+    assert re.search(r"^val images with annotations > 0 +\| > 0 +\| 0 +\| FAIL$", res.stdout, re.M), res.stdout
+    assert "AP is undefined" in res.stderr
+
+
 def test_verify_dataset_and_prepare_json_accept_the_synthetic_dataset(tmp_path):
     try:
         from single_stage_detector.data.synthetic import ensure_synthetic_coco

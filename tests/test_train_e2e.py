@@ -51,6 +51,7 @@ def test_tiny_run_writes_a_complete_log_and_outputs(small_coco, tmp_path):
     assert res.ok, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["derived"]["global_batch_size"] == 8 and cfg["config"]["preset"] == "ssd_tiny"
+    assert cfg["config"]["eval_amp"] == "auto" and cfg["derived"]["eval_amp"] == "off (fp32)"
     assert (out / "checkpoint.pt").is_file()
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(m["kind"] == "eval" for m in metrics) and any(m["kind"] == "train" for m in metrics)
@@ -73,6 +74,8 @@ def test_benchmark_preset_closed_division_log(small_coco, tmp_path):
     recs = _mllog(log)
     assert next(r for r in recs if r["key"] == "submission_division")["value"] == "closed"
     assert sum(r["key"] == "weights_initialization" for r in recs) == 119
+    factor = next(r for r in recs if r["key"] == "opt_learning_rate_warmup_factor")["value"]
+    assert factor == 0 and isinstance(factor, int)  # an integer in the rules: logged 0, not 0.0
     for ruleset in ("1.0.0", "1.1.0"):
         res = check_log(log, ruleset)
         assert not res.ok  # the accuracy target ...
@@ -81,10 +84,9 @@ def test_benchmark_preset_closed_division_log(small_coco, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_reaches_its_target_and_passes_the_checker(tmp_path):
-    """`make demo` as a user runs it (default flags), with its folders in tmp_path."""
-    out = tmp_path / "demo"
-    proc = _train(["demo", "--data-dir", str(tmp_path / "synthetic"), "--output-dir", str(out)], tmp_path)
+def test_demo_reaches_its_target_and_passes_the_checker(demo_run):
+    """`make demo` as a user runs it (default flags), with its folders in a temporary folder."""
+    out, proc = demo_run["out"], demo_run["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "status            success" in proc.stdout
     recs = _mllog(out / "mlperf.log")
@@ -130,3 +132,18 @@ def test_evaluate_command_reproduces_the_runs_last_evaluation(small_coco, tmp_pa
     assert got["num_images"] == last["num_images"] and got["num_detections"] == last["num_detections"]
     assert got["ap"] == pytest.approx(last["ap"], abs=1e-9)
     assert got["stats"]["AP50"] == pytest.approx(last["coco_AP50"], abs=1e-9)
+
+
+def test_an_epoch_trains_every_image_once(small_coco, tmp_path):
+    """10 images at batch 4: 3 steps (4, 4, 2), 10 images trained; the reference keeps the last partial batch."""
+    out = tmp_path / "run"
+    proc = _train(["train", "--preset", "ssd_tiny", "--data-dir", str(small_coco), "--output-dir", str(out),
+                   "--batch-size", "4", "--eval-batch-size", "8", "--epochs", "1", "--eval-every", "1",
+                   "--max-train-images", "10", "--max-eval-images", "4", "--num-workers", "0", "--log-every", "1",
+                   "--seed", "3", "--no-save-checkpoint"], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2, 3]
+    epoch = next(m for m in metrics if m["kind"] == "epoch")
+    assert epoch["images"] == 10
+    assert "3 steps/epoch" in proc.stdout

@@ -13,13 +13,18 @@ Choices (SPEC.md section 1):
 
 * Images without (valid) annotations are dropped when ``skip_empty`` is True (COCO train
   keeps 117,266 of 118,287 images).
-* Crowd annotations (``iscrowd=1``) are *not* training targets by default: a crowd box
-  covers many instances and would teach the box regressor a region, not an object.
-  The MLPerf reference reader keeps them; ``include_crowd=True`` restores that
-  behaviour (and so the reference's image count if crowd-only images matter). The
-  evaluation side (pycocotools) handles crowd regions on its own either way.
-* Boxes with zero/negative width or height, non-finite values, or nothing left after
-  clipping to the image are dropped, counted in ``stats`` and reported by one warning.
+* Crowd annotations (``iscrowd=1``) are training targets, as in the MLPerf reference
+  reader and NVIDIA's submissions (about 1.2% of train2017's boxes; they decide which
+  images are "empty" and so ``train_samples``). ``include_crowd=False`` drops them, an
+  open-division option. The evaluation side (pycocotools) handles crowd regions on its own.
+* Boxes are clipped to the image (the annotation's width/height); boxes with
+  zero/negative width or height, non-finite values, or nothing left after clipping are
+  dropped, counted in ``stats`` and reported by one warning. This is the only place that
+  cleans boxes: the DALI reader gets exactly these boxes (:meth:`write_reader_annotations`).
+* Ids (image, annotation, category) must be JSON integers; anything else is an error
+  naming the file and the entry, because pycocotools would later fail to match them.
+* Image geometry comes from the annotation file (as the reference); :meth:`check_images`
+  compares every file's stored size with it (see ``image_check.py``).
 
 Annotations are stored in flat numpy arrays (boxes of all images concatenated plus
 per-image offsets) rather than per-image Python objects: building them is vectorised
@@ -295,6 +300,28 @@ def _entry_error(path: Path, kind: str, entries: Sequence[Any], keys: Sequence[s
     return DatasetError(f"{path}: malformed {kind} entries")
 
 
+def _check_integer_ids(path: Path, images: Sequence[Any], anns: Sequence[Any]) -> None:
+    """Every id must be a JSON integer (not a string such as ``"1001"``, a float or a bool).
+
+    numpy would silently convert ``"1001"`` to 1001 and the run would go on until
+    pycocotools, at the first evaluation, finds that results and ground truth disagree.
+    """
+    for kind, entries, keys in (("image", images, ("id",)),
+                                ("annotation", anns, ("id", "image_id", "category_id"))):
+        for key in keys:
+            try:
+                types = {type(e[key]) for e in entries}
+            except (KeyError, TypeError):
+                continue  # missing keys are reported by the per-field pass with the entry named
+            if types <= {int}:
+                continue
+            for i, e in enumerate(entries):
+                v = e[key]
+                if type(v) is not int:
+                    raise DatasetError(f"{path}: {kind} entry #{i} (id {e.get('id', '?')!r}) has '{key}' = {v!r} "
+                                       f"({type(v).__name__}); COCO ids must be JSON integers")
+
+
 class CocoDetection(Dataset):
     """COCO-format detection dataset.
 
@@ -304,12 +331,15 @@ class CocoDetection(Dataset):
         transform: ``(PIL RGB image, boxes Tensor[N, 4], labels Tensor[N]) -> (image, boxes, labels)``;
             boxes in and out are normalised xyxy. ``None``: the image becomes a uint8 ``Tensor[3, H, W]``.
         skip_empty: drop images that have no usable annotation.
-        include_crowd: keep ``iscrowd=1`` annotations as targets (default: drop them).
+        include_crowd: keep ``iscrowd=1`` annotations as targets (default, as the MLPerf
+            reference); False drops them (open division only).
 
     Attributes:
         image_ids (list[int]): COCO ids of the kept images, sorted increasingly.
         stats (dict[str, int]): ``images`` (kept), ``images_skipped_empty``, ``boxes`` (kept),
-            ``boxes_dropped_degenerate``, ``boxes_crowd`` (crowd annotations not used).
+            ``boxes_dropped_degenerate``, ``boxes_clipped`` (past the image border, clipped),
+            ``boxes_crowd`` (crowd annotations dropped), and after :meth:`apply_image_checks`
+            ``images_skipped_<reason>`` per skip reason and ``images_exif_orientation``.
         label_names (tuple[str, ...]): name of labels 0..80 (0 = background).
     """
 
@@ -322,7 +352,7 @@ class CocoDetection(Dataset):
         *,
         transform: Transform | None = None,
         skip_empty: bool = True,
-        include_crowd: bool = False,
+        include_crowd: bool = True,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
@@ -343,6 +373,7 @@ class CocoDetection(Dataset):
         path = self.annotation_file
         images, anns = data["images"], data["annotations"]
 
+        _check_integer_ids(path, images, anns)
         # Images: 118k entries, a plain loop is fine.
         try:
             img_ids = np.array([im["id"] for im in images], dtype=np.int64)
@@ -404,6 +435,8 @@ class CocoDetection(Dataset):
         y2 = np.clip(bbox[:, 1] + bbox[:, 3], 0.0, h_img)
         with np.errstate(invalid="ignore"):
             ok_geom = finite & (bbox[:, 2] > 0) & (bbox[:, 3] > 0) & (x2 > x1) & (y2 > y1)
+            clipped = ok_geom & ((bbox[:, 0] < 0) | (bbox[:, 1] < 0) | (bbox[:, 0] + bbox[:, 2] > w_img)
+                                 | (bbox[:, 1] + bbox[:, 3] > h_img))
         n_crowd = int((crowd & ok_geom).sum()) if not self.include_crowd else 0
         keep = ok_geom if self.include_crowd else ok_geom & ~crowd
         n_degenerate = int((~ok_geom).sum())
@@ -412,6 +445,12 @@ class CocoDetection(Dataset):
             msg = (f"{path}: dropped {n_degenerate} degenerate box(es) (zero/negative width or "
                    f"height, non-finite, or outside the image), e.g. annotation ids {examples}")
             warnings.warn(msg, DataWarning, stacklevel=3)
+
+        n_clipped = int((clipped & keep).sum())
+        if n_clipped:
+            examples = ann_ids[clipped & keep][:5].tolist()
+            warnings.warn(f"{path}: clipped {n_clipped} box(es) past the image border to the image, e.g. "
+                          f"annotation ids {examples}", DataWarning, stacklevel=3)
 
         norm = np.stack([x1 / w_img, y1 / h_img, x2 / w_img, y2 / h_img], axis=1)[keep]
         k_img, k_lab = img_idx[keep], labels[keep]
@@ -437,6 +476,7 @@ class CocoDetection(Dataset):
             "images_skipped_empty": int(len(img_ids) - len(kept_images)),
             "boxes": int(self._counts.sum()),
             "boxes_dropped_degenerate": n_degenerate,
+            "boxes_clipped": n_clipped,
             "boxes_crowd": n_crowd,
         }
 
@@ -444,6 +484,113 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return int(len(self._ids))
+
+    # -- selection and image checks ----------------------------------------------------
+
+    def restrict(self, positions: Sequence[int] | np.ndarray) -> None:
+        """Keep only the images at ``positions`` (indices into this dataset), in increasing order.
+
+        Used for ``--max-train-images`` and to drop the images :meth:`check_images` rejects;
+        ``stats["images"]`` and ``stats["boxes"]`` follow.
+        """
+        pos = np.unique(np.asarray(positions, dtype=np.int64))
+        if pos.size and (pos[0] < 0 or pos[-1] >= len(self)):
+            raise IndexError(f"positions out of range 0..{len(self) - 1}")
+        self._starts, self._counts = self._starts[pos], self._counts[pos]
+        self._ids, self._sizes, self._names = self._ids[pos], self._sizes[pos], self._names[pos]
+        self.image_ids = self._ids.tolist()
+        self.stats["images"] = int(len(pos))
+        self.stats["boxes"] = int(self._counts.sum())
+
+    def check_images(self, positions: Sequence[int] | None = None, *, num_threads: int = 8) -> list[tuple[int, Any]]:
+        """Run :func:`~single_stage_detector.data.image_check.check_image` on the images at
+        ``positions`` (default: all) with ``num_threads`` threads (the work is file I/O).
+
+        Returns ``[(position, ImageCheck)]`` for every image that is skipped or noted
+        (EXIF orientation); usable images without notes are left out.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .image_check import check_image
+
+        pos = list(range(len(self))) if positions is None else [int(p) for p in positions]
+
+        def one(p: int):
+            h, w = self._sizes[p].tolist()
+            return p, check_image(self.image_path(p), w, h)
+
+        if num_threads <= 1 or len(pos) < 64:
+            results = [one(p) for p in pos]
+        else:
+            with ThreadPoolExecutor(max_workers=num_threads) as pool:
+                results = list(pool.map(one, pos, chunksize=256))
+        return [(p, c) for p, c in results if not c.ok or c.exif_orientation is not None]
+
+    def apply_image_checks(self, findings: Sequence[tuple[int, Any]]) -> dict[str, int]:
+        """Drop the images that ``findings`` (from :meth:`check_images`) reject, count every
+        reason in ``stats`` and warn once per reason, naming the first files.
+
+        Returns the counts added to ``stats`` (``images_skipped_<reason>``, ``images_exif_orientation``).
+        """
+        from .image_check import REASON_TEXT, SKIP_REASONS
+
+        by_reason: dict[str, list[tuple[int, Any]]] = {}
+        for p, check in findings:
+            by_reason.setdefault(check.reason or "exif_orientation", []).append((p, check))
+        counts: dict[str, int] = {f"images_skipped_{r}": len(by_reason.get(r, ())) for r in SKIP_REASONS}
+        counts["images_exif_orientation"] = sum(1 for _, c in findings if c.exif_orientation is not None)
+        for reason, items in by_reason.items():
+            examples = "; ".join(c.message(self.image_path(p)) if c.reason else
+                                 f"{self.image_path(p)} (orientation {c.exif_orientation})" for p, c in items[:3])
+            action = "kept, orientation ignored" if reason == "exif_orientation" else "skipped"
+            warnings.warn(f"{len(items)} image(s) of {self.annotation_file} {action}: {REASON_TEXT[reason]}; "
+                          f"e.g. {examples}", DataWarning, stacklevel=2)
+        bad = {p for p, c in findings if not c.ok}
+        if bad:
+            self.restrict([p for p in range(len(self)) if p not in bad])
+        self.stats.update(counts)
+        return counts
+
+    @property
+    def file_names(self) -> list[str]:
+        """File names of the kept images, in dataset order."""
+        return [str(n) for n in self._names]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) in pixels of image ``index``, from the annotation file."""
+        h, w = self._sizes[index].tolist()
+        return int(h), int(w)
+
+    def write_reader_annotations(self, path: str | Path) -> Path:
+        """Write the cleaned ground truth of the kept images as a COCO json for the DALI reader.
+
+        The file holds exactly the boxes this dataset trains on (clipped, degenerate and
+        optionally crowd boxes removed), already normalised to [0, 1]: every image is
+        declared 1 x 1 pixel, so that DALI's ``ratio=True`` division is exact and both
+        backends get bit-identical box coordinates. ``category_id`` is the COCO id.
+        Returns ``path``.
+        """
+        path = Path(path)
+        images = [{"id": int(i), "file_name": str(n), "width": 1, "height": 1}
+                  for i, n in zip(self._ids.tolist(), self._names)]
+        annotations = []
+        ann_id = 1
+        for k in range(len(self)):
+            s, n = int(self._starts[k]), int(self._counts[k])
+            image_id = int(self._ids[k])
+            for (x1, y1, x2, y2), lab in zip(self._boxes[s:s + n].tolist(), self._labels[s:s + n].tolist()):
+                # x + w must give back x2 in float32 as DALI adds them: store the float32 width.
+                w = float(np.float32(x2) - np.float32(x1))
+                h = float(np.float32(y2) - np.float32(y1))
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[lab - 1],
+                                    "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0})
+                ann_id += 1
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}, f,
+                      separators=(",", ":"))
+        tmp.replace(path)
+        return path
 
     def _index_of(self, image_id: int) -> int:
         i = int(np.searchsorted(self._ids, image_id))
@@ -468,20 +615,24 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> Sample | None:
         """The sample at ``index``, or ``None`` (after a :class:`DataWarning`) if its image is unreadable."""
         path = self.image_path(index)
+        h, w = self._sizes[index].tolist()
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")  # forces the full decode, so truncation shows here
-        except (OSError, ValueError, SyntaxError) as e:
-            # OSError covers missing files, unidentified formats and truncated JPEGs.
+        except Exception as e:  # any decode failure (OSError, DecompressionBombError, ...) is a counted skip
             msg = f"skipping unreadable image {path}: {type(e).__name__}: {e}"
             warnings.warn(msg, DataWarning, stacklevel=2)
+            return None
+        if img.size != (w, h):
+            # Normally caught before the run by check_images(); boxes are in the annotation's frame.
+            warnings.warn(f"skipping image {path}: decoded size {img.size[0]}x{img.size[1]}, annotation says "
+                          f"{w}x{h}", DataWarning, stacklevel=2)
             return None
         boxes, labels = self.targets(index)
         if self.transform is not None:
             image, boxes, labels = self.transform(img, boxes, labels)
         else:
             image = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-        h, w = self._sizes[index].tolist()
         return Sample(image=image, boxes=boxes, labels=labels, image_id=int(self._ids[index]),
                       orig_size=(h, w))
 

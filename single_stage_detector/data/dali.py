@@ -17,15 +17,20 @@ normalise, plus the image id and the original image size.
 
 Ground truth leaves the pipeline as padded ``[B, Nmax, 4]`` / ``[B, Nmax]`` tensors plus
 per-sample counts; :class:`DaliTrainLoader` cuts them into per-image tensors, clips them
-to [0, 1], drops degenerate boxes (so none reaches the encoder) and encodes them with
-:class:`~single_stage_detector.box_coder.BoxCoder` on the pipeline's device. DALI's own
-``fn.box_encoder`` is not used by default: it breaks ties of the forced matching
-differently from the reference rule (see docs/DALI.md and tests/test_dali.py); it can
-be selected with ``box_encoder="dali"``.
+to [0, 1], drops boxes the crop made degenerate (as the torch path does after its crop)
+and encodes them with :class:`~single_stage_detector.box_coder.BoxCoder` on the
+pipeline's device. DALI's own ``fn.box_encoder`` is not used by default: it breaks ties
+of the forced matching differently from the reference rule (see docs/DALI.md and
+tests/test_dali.py); it can be selected with ``box_encoder="dali"``.
 
-The sample set is exactly the PyTorch path's: the reader gets the list of image files
-that :class:`~single_stage_detector.data.coco.CocoDetection` kept (``images=``), in
-the same order, so counts, sharding and subsets (``--max-train-images``) agree.
+One dataset, one answer: the reader does not read the user's annotation file but the
+cleaned one that :meth:`~single_stage_detector.data.coco.CocoDetection.write_reader_annotations`
+writes from the torch path's index (the same images, the same clipped and filtered boxes,
+already normalised), and gets the list of image files that index kept (``images=``), so
+counts, sharding and subsets (``--max-train-images``) agree. Decoders ignore EXIF
+orientation (``adjust_orientation=False``), as Pillow and the reference do: COCO's boxes
+refer to the stored pixels. Evaluation rescales boxes with the annotation's width and
+height (``image_sizes``), never with a decoded shape.
 """
 from __future__ import annotations
 
@@ -82,7 +87,9 @@ def resolve_data_backend(name: str, device: torch.device) -> str:
     if name == "dali":
         err = dali_import_error()
         if err is not None:
-            raise RuntimeError(
+            from ..config import ConfigError  # a bad flag for this machine: one error line, exit 2
+
+            raise ConfigError(
                 "--data-backend dali: NVIDIA DALI is not importable "
                 f"({err}); install it with `pip install -e .[dali]` (nvidia-dali-cuda130, the CUDA "
                 "flavour must match the torch build) or use --data-backend torch")
@@ -139,9 +146,9 @@ def _reader(image_dir: Path, annotation_file: Path, files: Sequence[str], *, sha
         ratio=True,
         skip_empty=skip_empty,
         image_ids=True,
-        include_iscrowd=False,  # as CocoDetection (crowd regions are not targets)
+        include_iscrowd=True,  # the cleaned file already holds exactly the boxes to train on
         avoid_class_remapping=True,  # raw COCO ids; mapped to 1..80 below as the torch path does
-        size_threshold=1e-6,  # keep every box of positive size; degenerate ones are dropped later
+        size_threshold=1e-12,  # the cleaned file has no degenerate box; keep every one it lists
         shard_id=shard_id,
         num_shards=num_shards,
         pad_last_batch=True,  # epoch boundaries stay aligned with batches: nothing leaks into the next epoch
@@ -151,6 +158,21 @@ def _reader(image_dir: Path, annotation_file: Path, files: Sequence[str], *, sha
     keys, values = _label_table()
     labels = fn.lookup_table(cats, keys=keys, values=values, default_value=0, dtype=types.INT32)
     return jpegs, boxes, labels, ids
+
+
+# EXIF orientation is ignored (boxes refer to the stored pixels, as Pillow reads them).
+_DECODE_ARGS = {"adjust_orientation": False}
+
+
+def _decode(jpegs, gpu: bool):
+    """Whole-image decode to RGB; on the GPU with libjpeg's chroma upsampling, as Pillow and the CPU decoder."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    if gpu:
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True,
+                                 **_DECODE_ARGS)
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, **_DECODE_ARGS)
 
 
 def _normalize(images, *, gpu: bool, mirror, dtype):
@@ -184,7 +206,7 @@ def _build_train_pipeline(*, image_dir: Path, annotation_file: Path, files: Sequ
         jpegs, boxes, labels, ids = _reader(image_dir, annotation_file, files, shard_id=shard_id,
                                             num_shards=num_shards, train=True, shuffle_seed=shuffle_seed,
                                             skip_empty=True)
-        shape = fn.peek_image_shape(jpegs)  # (H, W, C) of the original image
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # (H, W, C) as stored
         flip = None
         window = fn.constant(fdata=[0.0, 0.0, 1.0, 1.0])  # (x, y, w, h) of the crop, relative
         if augment:
@@ -201,14 +223,19 @@ def _build_train_pipeline(*, image_dir: Path, annotation_file: Path, files: Sequ
             window = fn.cat(anchor, crop)
             if gpu:
                 images = fn.decoders.image_slice(jpegs, anchor, crop, device="mixed", output_type=types.RGB,
-                                                 normalized_anchor=True, normalized_shape=True)
+                                                 normalized_anchor=True, normalized_shape=True,
+                                                 **_DECODE_ARGS, jpeg_fancy_upsampling=True)
                 images = fn.resize(images, resize_x=input_size, resize_y=input_size,
                                    interp_type=types.INTERP_LINEAR, antialias=True)
             else:
                 # Crop and resize in one pass at sub-pixel precision (like the torch path).
-                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, **_DECODE_ARGS)
+                # resize's region of interest follows the tensor's (H, W) order; the crop
+                # window is (x, y), so swap: (y, x) start and (y, x) end.
+                start_yx = fn.stack(anchor[1], anchor[0])
+                end_yx = fn.stack(anchor[1] + crop[1], anchor[0] + crop[0])
                 images = fn.resize(images, resize_x=input_size, resize_y=input_size,
-                                   roi_start=anchor, roi_end=anchor + crop, roi_relative=True,
+                                   roi_start=start_yx, roi_end=end_yx, roi_relative=True,
                                    interp_type=types.INTERP_LINEAR, antialias=True)
             flip = fn.random.coin_flip(probability=0.5)
             boxes = fn.bb_flip(boxes, ltrb=True, horizontal=flip)
@@ -227,7 +254,7 @@ def _build_train_pipeline(*, image_dir: Path, annotation_file: Path, files: Sequ
                                             contrast=fn.random.uniform(range=list(ranges["contrast"])),
                                             contrast_center=mean_grey, dtype=types.UINT8)
         else:
-            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            images = _decode(jpegs, gpu)
             images = fn.resize(images, resize_x=input_size, resize_y=input_size,
                                interp_type=types.INTERP_LINEAR, antialias=True)
         images = _normalize(images, gpu=gpu, mirror=flip, dtype=out_dtype)
@@ -259,8 +286,8 @@ def _build_eval_pipeline(*, image_dir: Path, annotation_file: Path, files: Seque
         jpegs, boxes, labels, ids = _reader(image_dir, annotation_file, files, shard_id=shard_id,
                                             num_shards=num_shards, train=False, shuffle_seed=0,
                                             skip_empty=skip_empty)
-        shape = fn.peek_image_shape(jpegs)
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
+        images = _decode(jpegs, gpu)
         images = fn.resize(images, resize_x=input_size, resize_y=input_size,
                            interp_type=types.INTERP_LINEAR, antialias=True)
         images = _normalize(images, gpu=gpu, mirror=None, dtype=types.FLOAT16 if fp16 else types.FLOAT)
@@ -375,10 +402,11 @@ class DaliTrainLoader(_DaliLoaderBase):
             raise ValueError(f"box_encoder must be 'boxcoder' or 'dali', got {box_encoder!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.steps = (len(files) // world_size) // batch_size
-        if self.steps < 1:
-            raise ValueError(f"DALI train pipeline: {len(files)} images over {world_size} ranks give no full batch "
-                             f"of {batch_size}")
+        if not files:
+            raise ValueError("DALI train pipeline: no images")
+        # Every image once per epoch, the last partial batch kept: the same number of steps
+        # as the torch path's EpochBatchSampler, ceil(n / (batch x ranks)), on every rank.
+        self.steps = math.ceil(len(files) / (batch_size * world_size))
         self._args = dict(image_dir=Path(image_dir), annotation_file=Path(annotation_file), batch_size=batch_size,
                           input_size=input_size, shard_id=rank, num_shards=world_size, device_id=device_id,
                           num_threads=max(1, num_threads), max_samples=max_samples, augment=augment, fp16=fp16)
@@ -409,7 +437,7 @@ class DaliTrainLoader(_DaliLoaderBase):
         pipe = _build_train_pipeline(files=files, seed=_mix_seed(*base, self.rank, 0xA06),
                                      shuffle_seed=_mix_seed(*base, 0x5A1), dali_anchors=anchors, **self._args)
         self.close()
-        super().__init__(pipe, last_batch_policy="drop", device_id=self._args["device_id"])
+        super().__init__(pipe, last_batch_policy="partial", device_id=self._args["device_id"])
 
     def __len__(self) -> int:
         return self.steps
@@ -424,9 +452,22 @@ class DaliTrainLoader(_DaliLoaderBase):
     def __iter__(self) -> Iterator[DetectionBatch]:
         self._finish_epoch()  # a previous iteration that stopped early
         self._in_epoch = True
+        exhausted = False
         for _ in range(self.steps):
-            data = next(self._it)[0]
+            if not exhausted:
+                try:
+                    data = next(self._it)[0]
+                except StopIteration:
+                    exhausted = True
+            if exhausted:
+                # This rank's shard is one image shorter than the largest and ran out one step
+                # early: an empty batch keeps it in step (as the torch sampler does).
+                yield _empty_batch(self.device)
+                continue
             yield self._to_batch(data)
+        if exhausted:
+            self._it.reset()
+            self._in_epoch = False
         self._finish_epoch()
 
     def _to_batch(self, data: dict[str, Tensor]) -> DetectionBatch:
@@ -443,17 +484,26 @@ class DaliTrainLoader(_DaliLoaderBase):
                               valid=torch.ones(len(ids), dtype=torch.bool), encoded=encoded)
 
 
+def _empty_batch(device: torch.device) -> DetectionBatch:
+    return DetectionBatch(images=torch.zeros(0, 3, 0, 0, device=device), boxes=[], labels=[],
+                          image_ids=torch.zeros(0, dtype=torch.int64), orig_sizes=torch.zeros(0, 2, dtype=torch.int64),
+                          valid=torch.zeros(0, dtype=torch.bool))
+
+
 class DaliEvalLoader(_DaliLoaderBase):
     """Evaluation batches: shard ``rank`` of ``world_size``, every image exactly once over all ranks.
 
     The reader pads each shard's last batch by repeating its last image; the iterator's
     PARTIAL policy cuts the padding off, and ``valid`` marks the images that count
-    (all True after that cut; kept as the contract for padded batches).
+    (all True after that cut; kept as the contract for padded batches). ``orig_sizes``
+    come from ``image_sizes`` (image id -> annotation (height, width)) when given, else
+    from the file header.
     """
 
     def __init__(self, image_dir: str | Path, annotation_file: str | Path, files: Sequence[str], *, batch_size: int,
                  input_size: int, rank: int = 0, world_size: int = 1, device_id: int | None = None,
-                 num_threads: int = 2, skip_empty: bool = True, fp16: bool = False) -> None:
+                 num_threads: int = 2, skip_empty: bool = True, fp16: bool = False,
+                 image_sizes: dict[int, tuple[int, int]] | None = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if not files:
@@ -465,6 +515,8 @@ class DaliEvalLoader(_DaliLoaderBase):
                                     skip_empty=skip_empty, fp16=fp16)
         self.shard_size = _shard_size(len(files), rank, world_size)
         self.batch_size = batch_size
+        # (height, width) per image id from the annotation file: the geometry boxes are rescaled with.
+        self.image_sizes = dict(image_sizes) if image_sizes is not None else None
         super().__init__(pipe, last_batch_policy="partial", device_id=device_id)
 
     def __len__(self) -> int:
@@ -479,6 +531,8 @@ class DaliEvalLoader(_DaliLoaderBase):
             except StopIteration:
                 break
             images, boxes, labels, ids, hw = self._unpack(out[0])
+            if self.image_sizes is not None:
+                hw = torch.tensor([self.image_sizes[i] for i in ids.tolist()], dtype=torch.int64).reshape(-1, 2)
             yield DetectionBatch(images=images, boxes=boxes, labels=labels, image_ids=ids, orig_sizes=hw,
                                  valid=torch.ones(len(ids), dtype=torch.bool))
         self._it.reset()

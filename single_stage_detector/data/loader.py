@@ -2,21 +2,23 @@
 
 Sharding:
 
-* train: ``DistributedSampler(shuffle=True, drop_last=True)``, every rank gets
-  ``len(dataset) // world_size`` indices, disjoint; the caller calls
-  ``loader.sampler.set_epoch(epoch)`` before each epoch to reshuffle.
+* train: :class:`EpochBatchSampler`: every image exactly once per epoch (the last,
+  partial global batch is kept, as in the MLPerf reference), the same number of batches
+  on every rank; the caller calls ``loader.batch_sampler.set_epoch(epoch)`` before each
+  epoch to reshuffle.
 * eval: :class:`StridedShardSampler`, rank r gets r, r + W, r + 2W, ...: disjoint, every
   image exactly once overall, no padding (so ``DetectionBatch.valid`` is all True).
 """
 from __future__ import annotations
 
 import functools
+import math
 import random
 from typing import Iterator, Sequence, Sized
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .batch import DetectionBatch
 from .coco import Sample
@@ -24,6 +26,7 @@ from .coco import Sample
 __all__ = [
     "collate_detection",
     "StridedShardSampler",
+    "EpochBatchSampler",
     "mix_seed",
     "seed_worker",
     "build_train_loader",
@@ -75,6 +78,45 @@ class StridedShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world_size))
 
 
+class EpochBatchSampler(Sampler[list[int]]):
+    """Per-rank batches of one epoch: every index of ``range(n)`` exactly once over all ranks.
+
+    Epoch ``e`` is one permutation of ``range(n)`` drawn from ``(seed, e)``, identical on
+    every rank. Step ``s`` takes the next global batch of ``batch_size x world_size`` of
+    it, and rank ``r`` gets every ``world_size``-th index of that slice starting at ``r``.
+    Every rank yields ``ceil(n / (batch_size x world_size))`` batches; only the last may
+    be smaller than ``batch_size``, and when it holds fewer than ``world_size`` images some
+    ranks get an empty batch there (the trainer keeps such a rank in step without
+    training on anything, see ``engine.train_one_epoch``).
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / (self.batch_size * self.world_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 0xE90C))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        step = self.batch_size * self.world_size
+        for start in range(0, self.n, step):
+            yield order[start:start + step][self.rank::self.world_size]
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed derived from ``parts`` (numpy's SeedSequence hashing, so nearby inputs decorrelate)."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
@@ -109,12 +151,12 @@ def build_train_loader(
 ) -> DataLoader:
     """Shuffled, sharded training loader of :class:`DetectionBatch` (``batch_size`` per rank).
 
-    Call ``loader.sampler.set_epoch(epoch)`` at every epoch start. Incomplete last
-    batches are dropped. With ``num_workers=0`` the calling process's numpy global RNG
-    (the one the transforms use) is seeded here, so augmentation stays reproducible.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` at every epoch start. Every image is
+    trained on once per epoch (see :class:`EpochBatchSampler` for the last batch). With
+    ``num_workers=0`` the calling process's numpy global RNG (the one the transforms use)
+    is seeded here, so augmentation stays reproducible.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=True)
+    batch_sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
     generator = torch.Generator().manual_seed(mix_seed(seed, rank, 0x5EED))
     init_fn = functools.partial(seed_worker, seed=seed, rank=rank)
     if num_workers == 0:
@@ -126,12 +168,10 @@ def build_train_loader(
         kwargs["prefetch_factor"] = prefetch_factor
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate_detection,
         pin_memory=pin_memory,
-        drop_last=True,
         worker_init_fn=init_fn if num_workers > 0 else None,
         generator=generator,
         persistent_workers=persistent_workers and num_workers > 0,

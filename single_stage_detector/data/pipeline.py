@@ -8,6 +8,10 @@ picks DALI when it is importable and the run is on a GPU, else the DataLoader.
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,11 +19,11 @@ from typing import Any, Iterable
 import torch
 
 from .batch import DetectionBatch
-from .coco import CocoDetection, find_coco_split
+from .coco import CocoDetection, DatasetError, DataWarning, find_coco_split
 from .loader import build_eval_loader, build_train_loader
 from .transforms import SSDEvalTransform, SSDTrainTransform
 
-__all__ = ["DataPipeline", "build_data_pipeline"]
+__all__ = ["DataPipeline", "EvalInput", "build_data_pipeline", "build_eval_input", "load_split"]
 
 
 @dataclass
@@ -38,14 +42,17 @@ class DataPipeline:
     train_steps: int
     val_annotation_file: Path
     stats: dict[str, Any] = field(default_factory=dict)
+    workdir: Path | None = None  # files the pipeline wrote for this run (DALI's reader annotations)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.train, "set_epoch"):  # DALI: finish the previous reader epoch (reshuffles)
             self.train.set_epoch(epoch)
             return
-        sampler = getattr(self.train, "sampler", None)
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        for name in ("batch_sampler", "sampler"):
+            sampler = getattr(self.train, name, None)
+            if sampler is not None and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+                return
 
     def close(self) -> None:
         """Release the backend's workers / pipelines (DALI threads and buffers). Safe to call twice."""
@@ -53,12 +60,9 @@ class DataPipeline:
             close = getattr(loader, "close", None)
             if close is not None:
                 close()
-
-
-def _subset(dataset, limit: int | None):
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return torch.utils.data.Subset(dataset, range(limit))
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
 
 def build_data_pipeline(cfg, *, input_size: int, seed: int, rank: int, world_size: int,
@@ -73,73 +77,155 @@ def build_data_pipeline(cfg, *, input_size: int, seed: int, rank: int, world_siz
     return builder(cfg, input_size=input_size, seed=seed, rank=rank, world_size=world_size, device=device)
 
 
-def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> DataPipeline:
-    train_dir, train_ann = find_coco_split(cfg.data_dir, "train2017")
-    train_tf = SSDTrainTransform(input_size, cfg.max_samples) if cfg.augment else SSDEvalTransform(input_size)
-    train_set = CocoDetection(train_dir, train_ann, transform=train_tf, skip_empty=True)
-    train_data = _subset(train_set, cfg.max_train_images)
-    train_loader = build_train_loader(train_data, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
-                                      rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
-    eval_loader, eval_samples, val_ann = build_torch_eval_loader(
-        cfg.data_dir, input_size, cfg.eval_batch_size, num_workers=cfg.num_workers, rank=rank,
-        world_size=world_size, max_images=cfg.max_eval_images, all_images=cfg.eval_all_images,
-        persistent_workers=True)
-    return DataPipeline(backend="torch", train=train_loader, eval=eval_loader, train_samples=len(train_data),
-                        eval_samples=eval_samples, train_steps=len(train_loader), val_annotation_file=val_ann,
-                        stats=train_set.stats)
+def _all_gather(items: list, world_size: int) -> list:
+    """Concatenate every rank's ``items`` (picklable) on every rank; ``items`` when not distributed."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
 
 
-def build_torch_eval_loader(data_dir, input_size: int, batch_size: int, *, num_workers: int, rank: int = 0,
-                            world_size: int = 1, max_images: int | None = None, all_images: bool = False,
-                            persistent_workers: bool = False) -> tuple[Iterable[DetectionBatch], int, Path]:
-    """``(loader, number of images, annotation file)`` of the val split of ``data_dir`` (this rank's shard).
+def load_split(cfg, split: str, *, rank: int = 0, world_size: int = 1, transform=None,
+               limit: int | None = None, skip_empty: bool = True) -> CocoDetection:
+    """The index of ``split`` as every backend reads it: one place for boxes and image checks.
 
-    Images without annotations are left out, as the reference does, unless ``all_images``.
+    Builds :class:`CocoDetection` (boxes clipped and cleaned, crowd boxes per
+    ``cfg.include_crowd``), keeps the first ``limit`` images, then, with
+    ``cfg.check_images``, checks every image header (sharded over the ranks, results
+    gathered, so each file is read once per run) and drops the files that no backend
+    can use, warning once per reason (rank 0) and counting them in ``stats``.
     """
-    val_dir, val_ann = find_coco_split(data_dir, "val2017")
-    val_set = CocoDetection(val_dir, val_ann, transform=SSDEvalTransform(input_size), skip_empty=not all_images)
-    val_data = _subset(val_set, max_images)
-    loader = build_eval_loader(val_data, batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                               persistent_workers=persistent_workers)
-    return loader, len(val_data), val_ann
+    image_dir, annotation_file = find_coco_split(cfg.data_dir, split)
+    dataset = CocoDetection(image_dir, annotation_file, transform=transform, skip_empty=skip_empty,
+                            include_crowd=getattr(cfg, "include_crowd", True))
+    if limit is not None and limit < len(dataset):
+        dataset.restrict(range(limit))
+    listed = len(dataset)
+    if getattr(cfg, "check_images", True):
+        findings = _all_gather(dataset.check_images(range(rank, len(dataset), world_size)), world_size)
+        findings.sort(key=lambda item: item[0])
+        if rank == 0:
+            dataset.apply_image_checks(findings)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DataWarning)
+                dataset.apply_image_checks(findings)
+    if len(dataset) == 0:
+        stats = dataset.stats
+        raise DatasetError(
+            f"{annotation_file}: no usable image in {split} ({listed + stats['images_skipped_empty']} listed, "
+            f"{stats['images_skipped_empty']} without annotations, {listed - len(dataset)} unreadable or skipped); "
+            "a run needs training images and annotated val images")
+    return dataset
 
 
-def _subset_files(dataset: CocoDetection, limit: int | None) -> list[str]:
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return [dataset.image_info(i)["file_name"] for i in dataset.image_ids[:n]]
+def _pipeline_stats(train_set: CocoDetection, val_set: CocoDetection) -> dict[str, Any]:
+    """Dataset counts reported in the summary and ``result.json``: train stats, then ``val_``-prefixed ones."""
+    return {**train_set.stats, **{f"val_{k}": v for k, v in val_set.stats.items()}}
+
+
+def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> DataPipeline:
+    train_tf = SSDTrainTransform(input_size, cfg.max_samples) if cfg.augment else SSDEvalTransform(input_size)
+    train_set = load_split(cfg, "train2017", rank=rank, world_size=world_size, transform=train_tf,
+                           limit=cfg.max_train_images)
+    train_loader = build_train_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
+                                      rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
+    val = build_eval_input(dataclasses.replace(cfg, data_backend="torch"), input_size=input_size, rank=rank,
+                           world_size=world_size, device=device, persistent_workers=True)
+    return DataPipeline(backend="torch", train=train_loader, eval=val.loader, train_samples=len(train_set),
+                        eval_samples=val.num_images, train_steps=len(train_loader),
+                        val_annotation_file=val.annotation_file, stats=_pipeline_stats(train_set, val.dataset))
+
+
+@dataclass
+class EvalInput:
+    """The val split as one backend reads it: ``loader`` yields this rank's shard."""
+
+    backend: str
+    loader: Iterable[DetectionBatch]
+    num_images: int
+    annotation_file: Path
+    dataset: CocoDetection
+    workdir: Path | None = None
+
+    def close(self) -> None:
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def _dali_device_id(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1,
+                     device: torch.device = torch.device("cpu"), persistent_workers: bool = False,
+                     workdir: Path | None = None) -> EvalInput:
+    """The val split of ``cfg.data_dir`` for ``cfg.data_backend`` (a :class:`TrainConfig`), this rank's shard.
+
+    Images without annotations are left out, as the reference does, unless
+    ``cfg.eval_all_images``. Both backends evaluate the same images: those
+    :func:`load_split` keeps; boxes are rescaled with the annotation's width and height.
+    """
+    from .dali import resolve_data_backend
+
+    backend = resolve_data_backend(cfg.data_backend, device)
+    if backend == "torch":
+        val_set = load_split(cfg, "val2017", rank=rank, world_size=world_size,
+                             transform=SSDEvalTransform(input_size), limit=cfg.max_eval_images,
+                             skip_empty=not cfg.eval_all_images)
+        loader = build_eval_loader(val_set, cfg.eval_batch_size, num_workers=cfg.num_workers, rank=rank,
+                                   world_size=world_size, persistent_workers=persistent_workers)
+        return EvalInput("torch", loader, len(val_set), val_set.annotation_file, val_set)
+
+    from .dali import DaliEvalLoader
+
+    val_set = load_split(cfg, "val2017", rank=rank, world_size=world_size, limit=cfg.max_eval_images,
+                         skip_empty=not cfg.eval_all_images)
+    own_dir = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix=f"ssd_dali_rank{rank}_")) if own_dir else workdir
+    reader_ann = val_set.write_reader_annotations(workdir / "val_reader.json")
+    loader = DaliEvalLoader(val_set.image_dir, reader_ann, val_set.file_names, batch_size=cfg.eval_batch_size,
+                            input_size=input_size, rank=rank, world_size=world_size,
+                            device_id=_dali_device_id(device), num_threads=max(1, cfg.num_workers),
+                            skip_empty=not cfg.eval_all_images, fp16=device.type == "cuda" and cfg.amp != "off",
+                            image_sizes=dict(zip(val_set.image_ids, map(tuple, val_set._sizes.tolist()))))
+    return EvalInput("dali", loader, len(val_set), val_set.annotation_file, val_set, workdir if own_dir else None)
 
 
 def _build_dali(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> DataPipeline:
     """NVIDIA DALI pipelines (data/dali.py): GPU decode + augmentation on CUDA, CPU-only otherwise.
 
-    The annotation files are indexed once with :class:`CocoDetection` (no images read) so
-    that DALI reads exactly the images, in the order, that the torch path would.
+    The splits are indexed and checked by :func:`load_split`, exactly as for the torch
+    path; DALI's COCO reader then reads a cleaned annotation file written from that index
+    (:meth:`CocoDetection.write_reader_annotations`), so both backends read the same
+    images with the same boxes.
     """
     from ..box_coder import default_boxes
     from ..models import get_preset
-    from .dali import DaliEvalLoader, DaliTrainLoader
+    from .dali import DaliTrainLoader
 
-    train_dir, train_ann = find_coco_split(cfg.data_dir, "train2017")
-    val_dir, val_ann = find_coco_split(cfg.data_dir, "val2017")
-    train_index = CocoDetection(train_dir, train_ann, skip_empty=True)
-    val_index = CocoDetection(val_dir, val_ann, skip_empty=not cfg.eval_all_images)
-    train_files = _subset_files(train_index, cfg.max_train_images)
-    val_files = _subset_files(val_index, cfg.max_eval_images)
-    device_id = None
-    if device.type == "cuda":
-        device_id = device.index if device.index is not None else torch.cuda.current_device()
-    fp16 = device.type == "cuda" and cfg.amp != "off"
+    train_set = load_split(cfg, "train2017", rank=rank, world_size=world_size, limit=cfg.max_train_images)
+    workdir = Path(tempfile.mkdtemp(prefix=f"ssd_dali_rank{rank}_"))
+    train_ann = train_set.write_reader_annotations(workdir / "train_reader.json")
+    device_id = _dali_device_id(device)
     spec = get_preset(cfg.preset).box_spec
-    threads = max(1, cfg.num_workers)
-    train = DaliTrainLoader(train_dir, train_ann, train_files, batch_size=cfg.batch_size, input_size=input_size,
-                            seed=seed, rank=rank, world_size=world_size, device_id=device_id, num_threads=threads,
-                            max_samples=cfg.max_samples, augment=cfg.augment,
-                            default_boxes=default_boxes(spec), fp16=fp16)
-    evaluation = DaliEvalLoader(val_dir, val_ann, val_files, batch_size=cfg.eval_batch_size, input_size=input_size,
-                                rank=rank, world_size=world_size, device_id=device_id, num_threads=threads,
-                                skip_empty=not cfg.eval_all_images, fp16=fp16)
-    stats = dict(train_index.stats)
+    train = DaliTrainLoader(train_set.image_dir, train_ann, train_set.file_names, batch_size=cfg.batch_size,
+                            input_size=input_size, seed=seed, rank=rank, world_size=world_size, device_id=device_id,
+                            num_threads=max(1, cfg.num_workers), max_samples=cfg.max_samples, augment=cfg.augment,
+                            default_boxes=default_boxes(spec), fp16=device.type == "cuda" and cfg.amp != "off")
+    val = build_eval_input(cfg, input_size=input_size, rank=rank, world_size=world_size, device=device,
+                           workdir=workdir)
+    stats = _pipeline_stats(train_set, val.dataset)
     stats["dali_device"] = "gpu" if device_id is not None else "cpu"
-    return DataPipeline(backend="dali", train=train, eval=evaluation, train_samples=len(train_files),
-                        eval_samples=len(val_files), train_steps=len(train), val_annotation_file=val_ann,
-                        stats=stats)
+    return DataPipeline(backend="dali", train=train, eval=val.loader, train_samples=len(train_set),
+                        eval_samples=val.num_images, train_steps=len(train),
+                        val_annotation_file=val.annotation_file, stats=stats, workdir=workdir)

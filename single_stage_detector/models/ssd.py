@@ -5,6 +5,7 @@ box ``a`` is ordered by level, then row ``i``, then column ``j``, then box shape
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +15,7 @@ from torch.func import functional_call
 
 from ..box_coder import DefaultBoxSpec
 
-__all__ = ["ExtraBlockSpec", "SSD"]
+__all__ = ["ExtraBlockSpec", "SSD", "init_fused_head_"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,41 @@ def _run_features(backbone: nn.Module, extras: nn.ModuleList, images: Tensor) ->
         x = block(x)
         feats.append(x)
     return feats
+
+
+def init_fused_head_(weight: Tensor, boxes_per_location: int, num_classes: int) -> Tensor:
+    """Xavier-uniform init of a fused loc+class head as if it were the reference's two convs.
+
+    The MLPerf reference (mlcommons/training ``single_stage_detector/ssd/ssd300.py``) has
+    separate location (``n*4`` outputs) and class (``n*C`` outputs) convs per level, each
+    ``xavier_uniform_``-initialised. Xavier on the fused ``n*(4+C)``-output weight would
+    use the fused fan-out and start the location weights at 0.61-0.72x the reference's
+    bound, so each part is drawn with the bound of its own conv:
+    ``sqrt(6 / (c_in*k*k + n*4*k*k))`` for location, ``sqrt(6 / (c_in*k*k + n*C*k*k))``
+    for classes.
+
+    Args:
+        weight: ``Tensor[n*(4+C), c_in, k, k]``, box-major: the channels of box ``b`` are
+            ``b*(4+C) .. b*(4+C)+3`` (location) then ``C`` class logits (see :class:`SSD`).
+        boxes_per_location: ``n``.
+        num_classes: ``C`` (with background).
+
+    Returns:
+        ``weight``, filled in place.
+    """
+    out_channels, in_channels = weight.shape[:2]
+    per_box = 4 + num_classes
+    if out_channels != boxes_per_location * per_box:
+        raise ValueError(f"head weight has {out_channels} output channels, expected "
+                         f"{boxes_per_location} x (4 + {num_classes})")
+    receptive = weight[0, 0].numel()
+    fan_in = in_channels * receptive
+    w = weight.detach().view(boxes_per_location, per_box, *weight.shape[1:])
+    with torch.no_grad():
+        for part, width in ((w[:, :4], 4), (w[:, 4:], num_classes)):
+            bound = math.sqrt(6.0 / (fan_in + boxes_per_location * width * receptive))
+            part.uniform_(-bound, bound)
+    return weight
 
 
 class _FeatureExtractor(nn.Module):
@@ -132,10 +168,11 @@ class SSD(nn.Module):
     def _init_weights(self) -> None:
         # SPEC: xavier_uniform on every weight with dim > 1 in extras and heads; biases keep
         # PyTorch's default init. The backbone keeps its own (torchvision) init.
-        for module in (self.extras, self.heads):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+        for p in self.extras.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for head, n in zip(self.heads, self.box_spec.boxes_per_location):
+            init_fused_head_(head.weight, n, self.num_classes)
 
     @property
     def num_default_boxes(self) -> int:

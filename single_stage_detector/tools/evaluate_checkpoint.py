@@ -20,19 +20,32 @@ def add_parser(sub) -> None:
     p.add_argument("--max-images", type=int, default=None, help="only the first N val images")
     p.add_argument("--all-images", action="store_true", help="also val images without annotations")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", help="auto | off | bf16 | fp16")
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="evaluation precision (as train's --eval-amp): auto (= off, fp32) | off | bf16 | fp16")
+    p.add_argument("--clip-boxes", action="store_true",
+                   help="clip the detections to the image after NMS (NVIDIA v1.1); default: never clipped, "
+                        "as the reference")
+    p.add_argument("--data-backend", default="torch", choices=("torch", "dali", "auto"),
+                   help="input pipeline reading the val split (both give the same AP; see docs/DALI.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLike, *, batch_size: int = 32,
                         num_workers: int = 2, max_images: int | None = None, all_images: bool = False,
-                        device: str = "auto", amp: str = "auto"):
-    """The :class:`~single_stage_detector.evaluation.EvalResult` of ``checkpoint`` on ``data_dir``'s val split."""
+                        device: str = "auto", amp: str = "auto", clip_boxes: bool = False,
+                        data_backend: str = "torch"):
+    """The :class:`~single_stage_detector.evaluation.EvalResult` of ``checkpoint`` on ``data_dir``'s val split.
+
+    ``amp`` is the evaluation precision (``auto``: fp32, as ``train --eval-amp``);
+    ``clip_boxes`` clips the detections to the image after NMS (default: the reference's
+    unclipped boxes).
+    """
     import torch
 
     from ..data.coco import COCO_CATEGORY_IDS
-    from ..data.pipeline import build_torch_eval_loader
+    from ..config import TrainConfig
+    from ..data.pipeline import build_eval_input
     from ..distributed import DistInfo, select_device
     from ..engine import AmpSettings, evaluate
     from ..evaluation import CocoEvaluator
@@ -40,11 +53,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
 
     dev = select_device(device)
     detector, preset, _ = load_detector(checkpoint, device=str(dev))
-    loader, _, ann = build_torch_eval_loader(data_dir, preset.input_size, batch_size, num_workers=num_workers,
-                                             max_images=max_images, all_images=all_images)
+    detector.clip_boxes = clip_boxes
+    # The val split exactly as a training run reads it (same image selection and checks).
+    cfg = TrainConfig(data_dir=str(data_dir), data_backend=data_backend, eval_batch_size=batch_size,
+                      num_workers=num_workers, max_eval_images=max_images, eval_all_images=all_images)
+    val = build_eval_input(cfg, input_size=preset.input_size, device=dev)
     label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
-    return evaluate(detector, loader, CocoEvaluator(ann), label_to_category,
-                    amp=AmpSettings.resolve(amp, dev), info=DistInfo(device=dev))
+    try:
+        return evaluate(detector, val.loader, CocoEvaluator(val.annotation_file), label_to_category,
+                        amp=AmpSettings.resolve_eval(amp, dev), info=DistInfo(device=dev))
+    finally:
+        val.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir = checkpoint_data_dir(ckpt, args.checkpoint, args.data_dir)
     result = evaluate_checkpoint(ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
                                  max_images=args.max_images, all_images=args.all_images, device=args.device,
-                                 amp=args.amp)
+                                 amp=args.amp, clip_boxes=args.clip_boxes, data_backend=args.data_backend)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir), "ap": result.ap,
                           "num_images": result.num_images, "num_detections": result.num_detections,
