@@ -4,12 +4,16 @@ import subprocess
 import sys
 
 
-def test_benchmark_prints_a_table(small_coco, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "single_stage_detector", "benchmark", "--preset", "ssd_tiny", "--batch-size", "4",
-         "--warmup", "1", "--iters", "2", "--num-workers", "0", "--data-dir", str(small_coco)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+def _benchmark(args: list[str], cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "single_stage_detector", "benchmark", *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_benchmark_prints_a_table(small_coco, tmp_path):
+    proc = _benchmark(["--preset", "ssd_tiny", "--batch-size", "4", "--warmup", "1", "--iters", "2",
+                       "--num-workers", "0", "--data-dir", str(small_coco)], tmp_path)
     out = proc.stdout
     assert "device: CPU" in out and "preset ssd_tiny" in out and "batch 4" in out
     rows = [ln for ln in out.splitlines() if re.search(r"\s4\s+[\d.]+\s+[\d.]+$", ln)]
@@ -20,11 +24,7 @@ def test_benchmark_prints_a_table(small_coco, tmp_path):
 
 
 def test_benchmark_components_against_plain_code(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "single_stage_detector", "benchmark", "--parts", "components", "--batch-size", "2",
-         "--warmup", "0", "--iters", "1"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _benchmark(["--parts", "components", "--batch-size", "2", "--warmup", "0", "--iters", "1"], tmp_path)
     out = proc.stdout
     assert "device: CPU" in out and "threads" in out and "fp32" in out
     rows = [ln for ln in out.splitlines() if re.search(r"\s2\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", ln)]

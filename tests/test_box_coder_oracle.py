@@ -1,7 +1,7 @@
 """The segment-reduction encoder pinned to the previous padded implementation (the oracle).
 
 ``_OldBoxCoder`` is a verbatim copy of ``BoxCoder.match``/``encode`` as they were before the
-rewrite (every image padded to the batch's largest box count, one [B, G, A] IoU): labels
+rewrite (with the unchanged ``box_iou``) (every image padded to the batch's largest box count, one [B, G, A] IoU): labels
 must be identical and targets equal, on random batches, exact IoU ties and a 60-box image,
 on both code paths of the new encoder (per-image reductions + sparse targets, and the
 synchronisation-free segment reduction + dense targets used on GPUs).
@@ -13,23 +13,13 @@ from torch.nn.utils.rnn import pad_sequence
 from single_stage_detector.box_coder import (
     SSD300_BOX_SPEC,
     BoxCoder,
+    box_iou,
     cxcywh_to_xyxy,
     default_boxes,
     default_boxes_300,
     xyxy_to_cxcywh,
 )
 from single_stage_detector.models.presets import SSD_TINY
-
-
-def _old_box_iou(a, b):
-    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[..., :, None] + area_b[..., None, :] - inter
-    return inter / union.clamp(min=1e-12)
 
 
 class _OldBoxCoder:
@@ -54,7 +44,7 @@ class _OldBoxCoder:
         gt_labels = pad_sequence([lb.to(device=device, dtype=torch.int64) for lb in labels], batch_first=True)
         counts = torch.tensor([int(b.shape[0]) for b in boxes], device=device)
         valid = torch.arange(max_gt, device=device)[None, :] < counts[:, None]
-        iou = _old_box_iou(gt, self.default_boxes_xyxy)
+        iou = box_iou(gt, self.default_boxes_xyxy)
         iou = iou.masked_fill(~valid[..., None], -1.0)
         best_gt_iou, best_gt = iou.max(dim=1)
         best_anchor = iou.argmax(dim=2)
@@ -170,7 +160,7 @@ def test_encode_equals_old_encoder_on_exact_ties():
     gen = torch.Generator().manual_seed(20)
     d = default_boxes_300()
     boxes, labels = _tie_batch(gen, d)
-    old_iou = _old_box_iou(boxes[0], cxcywh_to_xyxy(d))
+    old_iou = box_iou(boxes[0], cxcywh_to_xyxy(d))
     top = old_iou.max(dim=1, keepdim=True).values
     assert ((old_iou == top).sum(dim=1) == 2).all()  # each box's best IoU is reached by two default boxes
     _assert_same(BoxCoder(d), _OldBoxCoder(d), boxes, labels)

@@ -45,10 +45,6 @@ def coco(tmp_path_factory):
     return {"root": root, "train": (train_dir, train_ann), "val": (val_dir, val_ann)}
 
 
-def _files(index: CocoDetection) -> list[str]:
-    return [index.image_info(i)["file_name"] for i in index.image_ids]
-
-
 def _reader_file(coco, split: str) -> tuple[CocoDetection, Path]:
     """The index of ``split`` and the cleaned annotation file the DALI reader reads (as the pipeline writes it)."""
     img_dir, ann = coco[split]
@@ -324,7 +320,7 @@ def test_eval_every_image_once(coco, world_size, device_id):
     for rank in range(world_size):
         lo = DaliEvalLoader(img_dir, reader_ann, files, batch_size=5, input_size=SIZE, rank=rank,
                             world_size=world_size, num_threads=1, device_id=device_id,
-                            image_sizes={i: index.image_size(k) for k, i in enumerate(index.image_ids)})
+                            image_sizes=index.image_sizes())
         for _ in range(2):  # two evaluations: the iterator resets cleanly
             rank_ids = []
             for b in lo:

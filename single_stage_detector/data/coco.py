@@ -556,6 +556,10 @@ class CocoDetection(Dataset):
         """File names of the kept images, in dataset order."""
         return [str(n) for n in self._names]
 
+    def image_sizes(self) -> dict[int, tuple[int, int]]:
+        """Image id -> (height, width) in pixels from the annotation file, for every kept image."""
+        return {int(i): (int(h), int(w)) for i, (h, w) in zip(self._ids.tolist(), self._sizes.tolist())}
+
     def image_size(self, index: int) -> tuple[int, int]:
         """(height, width) in pixels of image ``index``, from the annotation file."""
         h, w = self._sizes[index].tolist()

@@ -197,7 +197,7 @@ def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1
                             input_size=input_size, rank=rank, world_size=world_size,
                             device_id=_dali_device_id(device), num_threads=max(1, cfg.num_workers),
                             skip_empty=not cfg.eval_all_images, fp16=device.type == "cuda" and cfg.amp != "off",
-                            image_sizes=dict(zip(val_set.image_ids, map(tuple, val_set._sizes.tolist()))))
+                            image_sizes=val_set.image_sizes())
     return EvalInput("dali", loader, len(val_set), val_set.annotation_file, val_set, workdir if own_dir else None)
 
 
