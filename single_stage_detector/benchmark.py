@@ -35,8 +35,14 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", help="auto | off | bf16 | fp16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--data-dir", default="data/synthetic",
-                   help="dataset for the data part (the synthetic one is generated if missing)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset for the data part (default: data/synthetic, generated if missing; "
+                        "data/photos with --photos)")
+    p.add_argument("--photos", action="store_true",
+                   help="time the data part on real photographs: scikit-image's sample photos cropped and "
+                        "re-encoded as 640-pixel COCO-like JPEGs with COCO-like boxes (needs scikit-image)")
+    p.add_argument("--color-jitter", default="fused", choices=["fused", "torchvision"],
+                   help="colour jitter of the torch data pipeline (as train --color-jitter)")
     p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--max-samples", type=int, default=1)
     p.add_argument("--data-backends", nargs="+", default=["torch", "dali"], choices=["torch", "dali"],
@@ -73,29 +79,37 @@ def _time(fn, warmup: int, iters: int, device: torch.device) -> list[float]:
 
 
 def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.device) -> list[dict]:
-    """Images/s of the training input pipeline alone, per backend (decode, augmentation, batching).
+    """Images/s of the training input pipeline alone, per backend, targets encoded included.
 
-    torch: the DataLoader with ``--num-workers`` worker processes (targets encoded later,
-    on the model's device, so not timed here). dali: the DALI pipeline with
-    ``--num-workers`` threads, on the GPU when the device is CUDA, else CPU-only, including
-    the box encoding of the targets (BoxCoder on the pipeline's device).
+    torch: the DataLoader with ``--num-workers`` worker processes (read, decode, crop,
+    flip, colour jitter ``--color-jitter``, normalise, collate), then the box encoding of
+    the batch's targets in the main process, on ``device``, as the training step does.
+    dali: the DALI pipeline with ``--num-workers`` threads, on the GPU when the device is
+    CUDA, else CPU-only, its targets encoded on the pipeline's device. The rate is the
+    timed batches over their total wall time (batches arrive in bursts from parallel
+    workers, so a median of single-batch times would mislead).
     """
-    from .box_coder import default_boxes
+    from .box_coder import BoxCoder, default_boxes
     from .data.coco import CocoDetection, find_coco_split
     from .data.loader import build_train_loader
-    from .data.synthetic import ensure_synthetic_coco
     from .data.transforms import SSDTrainTransform
 
-    if not os.path.isdir(os.path.join(args.data_dir, "annotations")) and "synthetic" in args.data_dir:
-        ensure_synthetic_coco(args.data_dir)
-    img_dir, ann = find_coco_split(args.data_dir, "train2017")
     needed = args.warmup + args.iters
+    data_dir = _data_part_dataset(args, needed * batch)
+    img_dir, ann = find_coco_split(data_dir, "train2017")
     rows = []
     for backend in getattr(args, "data_backends", ["torch"]):
         if backend == "torch":
-            ds = CocoDetection(img_dir, ann, transform=SSDTrainTransform(preset.input_size, args.max_samples))
+            fused = args.color_jitter == "fused"
+            ds = CocoDetection(img_dir, ann, transform=SSDTrainTransform(preset.input_size, args.max_samples,
+                                                                         fused_color=fused))
             loader = build_train_loader(ds, batch, num_workers=args.num_workers, seed=0)
-            part = f"data pipeline (torch, {args.num_workers} workers)"
+            coder = BoxCoder(default_boxes(preset.box_spec).to(device))
+            part = f"data pipeline (torch, {args.num_workers} workers, {args.color_jitter} jitter) + encoding"
+
+            def fetch(it) -> None:
+                b = next(it)
+                coder.encode([x.to(device) for x in b.boxes], [x.to(device) for x in b.labels])
         else:
             from .data.dali import DaliTrainLoader, dali_import_error
 
@@ -104,26 +118,57 @@ def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.
                 print(f"data pipeline (dali): skipped, DALI not importable ({err})", flush=True)
                 continue
             index = CocoDetection(img_dir, ann)
-            files = [index.image_info(i)["file_name"] for i in index.image_ids]
             device_id = None
             if device.type == "cuda":
                 device_id = device.index if device.index is not None else torch.cuda.current_device()
-            loader = DaliTrainLoader(img_dir, ann, files, batch_size=batch, input_size=preset.input_size, seed=0,
-                                     device_id=device_id, num_threads=args.num_workers,
+            loader = DaliTrainLoader(img_dir, ann, index.file_names, batch_size=batch, input_size=preset.input_size,
+                                     seed=0, device_id=device_id, num_threads=args.num_workers,
                                      max_samples=args.max_samples, default_boxes=default_boxes(preset.box_spec),
                                      fp16=device.type == "cuda")
             where = "gpu" if device_id is not None else "cpu"
-            part = f"data pipeline (dali {where}, {max(1, args.num_workers)} threads)"
+            part = f"data pipeline (dali {where}, {max(1, args.num_workers)} threads) + encoding"
+
+            def fetch(it) -> None:
+                next(it)
         if len(loader) < needed:
-            raise SystemExit(f"benchmark data: {len(loader)} batches of {batch} in {args.data_dir}, need {needed}")
+            raise SystemExit(f"benchmark data: {len(loader)} batches of {batch} in {data_dir}, need {needed}")
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(1)
         it = iter(loader)
-        t = _time(lambda: next(it), args.warmup, args.iters, device if backend == "dali" else torch.device("cpu"))
-        rows.append({"part": part, "batch": batch, "median_s": statistics.median(t)})
+        timing_device = device if backend == "dali" or device.type == "cuda" else torch.device("cpu")
+        for _ in range(args.warmup):
+            fetch(it)
+        _sync(timing_device)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            fetch(it)
+        _sync(timing_device)
+        rows.append({"part": part, "batch": batch, "median_s": (time.perf_counter() - t0) / args.iters})
+        del it
         if hasattr(loader, "close"):  # DALI: stop its threads before the next backend is timed
             loader.close()
     return rows
+
+
+def _data_part_dataset(args: argparse.Namespace, images: int) -> str:
+    """The folder the data part reads: ``--data-dir``, or the real-photo dataset with ``--photos``
+    (built once under ``--data-dir``), or the synthetic dataset (generated if missing)."""
+    if args.photos:
+        from .data.sample_photos import ensure_photo_coco
+
+        root = args.data_dir if args.data_dir is not None else "data/photos"
+        num = max(256, -(-images // 256) * 256)
+        summary = ensure_photo_coco(root, num_images=num)
+        print(f"real photographs: {root}, {summary['num_images']} train images ({', '.join(summary['photos'])} "
+              f"from scikit-image), {summary['mean_boxes']:.1f} boxes and {summary['mean_bytes'] / 1e3:.0f} kB "
+              "per image, longer side 640", flush=True)
+        return root
+    root = args.data_dir if args.data_dir is not None else "data/synthetic"
+    if not os.path.isdir(os.path.join(root, "annotations")) and "synthetic" in root:
+        from .data.synthetic import ensure_synthetic_coco
+
+        ensure_synthetic_coco(root)
+    return root
 
 
 # -- components: realistic box statistics --------------------------------------------------
@@ -330,11 +375,12 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
 
     component_rows = _benchmark_components(args, device) if "components" in args.parts else []
 
+    width = max([40] + [len(r["part"]) for r in rows])
     if rows:
-        print(f"{'part':<40} {'batch':>5} {'ms/batch':>10} {'images/s':>10}")
+        print(f"{'part':<{width}} {'batch':>5} {'ms/batch':>10} {'images/s':>10}")
     for r in rows:
         r["images_per_s"] = r["batch"] / r["median_s"]
-        print(f"{r['part']:<40} {r['batch']:>5} {1000 * r['median_s']:>10.1f} {r['images_per_s']:>10.1f}")
+        print(f"{r['part']:<{width}} {r['batch']:>5} {1000 * r['median_s']:>10.1f} {r['images_per_s']:>10.1f}")
     if component_rows:
         print(f"components, fp32, ms per image (median of {args.iters}, ours and plain interleaved; "
               "plain = per-image reference maths, single_stage_detector/reference_impl.py):")

@@ -62,6 +62,9 @@ class TrainConfig:
     lr_decay_epochs: tuple[int, ...] = _f((40, 50), "epochs at which the LR is multiplied by --lr-decay-factor")
     lr_decay_factor: float = _f(0.1, "LR multiplier at each decay epoch")
     max_samples: int = _f(1, "SSD random-crop tries per mode (MLPerf allows 1 or 50)")
+    color_jitter: str = _f("fused", "colour jitter of the torch input pipeline: fused (the four ops as one colour "
+                                    "matrix, hue rotated in YIQ as DALI's graph does; ~7x faster) | torchvision "
+                                    "(torchvision's ColorJitter ops, pixel-exact to the MLPerf reference)")
     augment: bool = _f(True, "SSD random crop, flip and colour jitter on training images "
                              "(--no-augment: resize + normalise only, for exactness tests)")
 
@@ -166,6 +169,8 @@ class TrainConfig:
         for name in ("amp", "eval_amp"):
             if getattr(self, name) not in ("auto", "off", "bf16", "fp16"):
                 raise bad(name, f"expected auto|off|bf16|fp16, got {getattr(self, name)!r}")
+        if self.color_jitter not in ("fused", "torchvision"):
+            raise bad("color_jitter", f"expected fused|torchvision, got {self.color_jitter!r}")
         if self.data_backend not in ("torch", "dali", "auto"):
             raise bad("data_backend", f"expected torch|dali|auto, got {self.data_backend!r}")
         if self.division not in ("auto", "closed", "open"):

@@ -36,3 +36,21 @@ def test_benchmark_components_against_plain_code(tmp_path):
     for ln in rows:
         ours, plain = (float(v) for v in ln.split()[-3:-1])
         assert ours > 0 and plain > 0
+
+
+def test_data_part_on_real_photos_through_both_backends(tmp_path):
+    """--photos builds the real-photo dataset once and times both input pipelines on it,
+    the torch row including the target encoding."""
+    photos = tmp_path / "photos"
+    args = ["--parts", "data", "--photos", "--data-dir", str(photos), "--batch-size", "2", "--warmup", "1",
+            "--iters", "2", "--num-workers", "1"]
+    proc = _benchmark(args, tmp_path)
+    out = proc.stdout
+    assert "real photographs" in out and "from scikit-image" in out
+    rows = [ln for ln in out.splitlines() if re.search(r"\s2\s+[\d.]+\s+[\d.]+$", ln)]
+    assert any("torch, 1 workers, fused jitter) + encoding" in ln for ln in rows), out
+    from single_stage_detector.data.dali import dali_import_error
+    if dali_import_error() is None:
+        assert any("dali cpu, 1 threads) + encoding" in ln for ln in rows), out
+    assert all(float(ln.split()[-1]) > 0 for ln in rows)
+    assert len(list((photos / "train2017").glob("*.jpg"))) == 256

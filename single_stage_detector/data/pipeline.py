@@ -128,7 +128,8 @@ def _pipeline_stats(train_set: CocoDetection, val_set: CocoDetection) -> dict[st
 
 
 def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> DataPipeline:
-    train_tf = SSDTrainTransform(input_size, cfg.max_samples) if cfg.augment else SSDEvalTransform(input_size)
+    train_tf = (SSDTrainTransform(input_size, cfg.max_samples, fused_color=cfg.color_jitter == "fused")
+                if cfg.augment else SSDEvalTransform(input_size))
     train_set = load_split(cfg, "train2017", rank=rank, world_size=world_size, transform=train_tf,
                            limit=cfg.max_train_images)
     train_loader = build_train_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
