@@ -41,29 +41,22 @@ if [[ -n "${WHEELHOUSE:-}" ]]; then
                 pytest:pytest iniconfig:iniconfig pluggy:pluggy packaging:packaging pygments:pygments; do
         "${PYTHON}" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
     done
-    extra=()
-    if ! "${PYTHON}" -c 'import torchvision' 2>/dev/null; then
-        compgen -G "${WHEELHOUSE}/torchvision-*.whl" > /dev/null \
-            || die "this PyTorch has no torchvision and ${WHEELHOUSE} holds none (make wheelhouse TORCHVISION=<version>)"
-        extra+=(torchvision)
-    fi
-    if ! "${PYTHON}" -c 'import nvidia.dali' 2>/dev/null && compgen -G "${WHEELHOUSE}/nvidia_dali*.whl" > /dev/null; then
-        extra+=(dali)
-    fi
     pip=("${PYTHON}" -m pip install --no-index --find-links "${WHEELHOUSE}" --only-binary=:all: --upgrade
          --target "${site}" --disable-pip-version-check --no-warn-script-location -q)
     if [[ ${#missing[@]} -gt 0 ]]; then
         echo "gpu_check.sh: installing ${missing[*]} from ${WHEELHOUSE} into ${site}"
         "${pip[@]}" --no-deps "${missing[@]}" || die "installing ${missing[*]} from ${WHEELHOUSE} failed (made for another Python version? see above)"
     fi
-    for e in "${extra[@]}"; do
-        if [[ "${e}" == torchvision ]]; then
-            # --no-deps: torchvision must not bring a torch of its own.
-            "${pip[@]}" --no-deps torchvision || die "installing torchvision from ${WHEELHOUSE} failed"
-        else
-            "${pip[@]}" nvidia-dali-cuda130 || echo "gpu_check.sh: WARNING: installing DALI failed; its steps will be skipped" >&2
-        fi
-    done
+    # torchvision imports pillow: checked with what was just installed.
+    if ! PYTHONPATH="${site}" "${PYTHON}" -c 'import torchvision' 2>/dev/null; then
+        compgen -G "${WHEELHOUSE}/torchvision-*.whl" > /dev/null \
+            || die "this PyTorch has no (working) torchvision and ${WHEELHOUSE} holds none (make wheelhouse TORCHVISION=<version>)"
+        # --no-deps: torchvision must not bring a torch of its own.
+        "${pip[@]}" --no-deps torchvision || die "installing torchvision from ${WHEELHOUSE} failed"
+    fi
+    if ! "${PYTHON}" -c 'import nvidia.dali' 2>/dev/null && compgen -G "${WHEELHOUSE}/nvidia_dali*.whl" > /dev/null; then
+        "${pip[@]}" nvidia-dali-cuda130 || echo "gpu_check.sh: WARNING: installing DALI failed; its step will be skipped" >&2
+    fi
     pythonpath="${REPO_ROOT}:${site}"
 fi
 

@@ -36,19 +36,29 @@ def make_sgd(params: Iterable[nn.Parameter], *, lr: float, momentum: float, weig
     """SGD with momentum: one fused kernel per step on CUDA, ``foreach`` (multi-tensor) elsewhere.
 
     Args:
-        fused: True to require the fused implementation (``ValueError`` if unavailable on
-            ``device``), False for foreach, None (default) for fused on CUDA when supported.
-            apex's ``FusedSGD`` is used instead when ``fused`` is not False, the device is CUDA
-            and apex is importable (it is never required).
+        fused: True to require a fused implementation (``ValueError`` if there is none on
+            ``device``), False for foreach, None (default) for fused on CUDA when available.
+            A fused step is PyTorch's (``SGD(fused=True)``); on CUDA with a torch that lacks
+            it, apex's ``FusedSGD`` when apex is importable (never required).
     Same update rule either way (PyTorch's SGD: ``v = m v + g + wd p; p -= lr v``).
     """
-    if fused is None:
-        fused = device.type == "cuda" and sgd_supports_fused(device)
-    elif fused and not sgd_supports_fused(device):
-        raise ValueError(f"fused SGD is not supported on {device} by torch {torch.__version__}")
-    if fused:
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+    if fused or (fused is None and device.type == "cuda"):
+        if sgd_supports_fused(device):
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+        apex_sgd = _apex_fused_sgd() if device.type == "cuda" else None
+        if apex_sgd is not None:
+            return apex_sgd(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if fused:
+            raise ValueError(f"fused SGD is not supported on {device} by torch {torch.__version__} (nor apex)")
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+
+
+def _apex_fused_sgd():
+    try:
+        from apex.optimizers import FusedSGD
+    except ImportError:
+        return None
+    return FusedSGD
 
 
 def enable_cudnn_autotune(device: torch.device) -> None:

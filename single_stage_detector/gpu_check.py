@@ -84,8 +84,10 @@ SMOKE = Settings(device="cpu", preset="ssd_tiny", batch=2, warmup=1, iters=1, tr
 CUDA_ONLY = ("cuda_tests", "benchmark_bf16-cl-graphs", "dali_gpu")
 
 
-def plan_commands(out: Path, s: Settings = Settings()) -> dict[str, list[str]]:
-    """The command of each subprocess step (argv after ``python``)."""
+def plan_commands(out: Path, s: Settings = Settings(), data_dir: Path | None = None) -> dict[str, list[str]]:
+    """The command of each subprocess step (argv after ``python``); ``data_dir``: where the
+    synthetic dataset goes (default ``out/synthetic``)."""
+    data_dir = data_dir if data_dir is not None else out / "synthetic"
     py_m = ["-m", "single_stage_detector"]
     common = [*py_m, "benchmark", "--device", s.device, "--batch-size", str(s.batch)]
     bench = [*common, "--preset", s.preset, "--warmup", str(s.warmup), "--iters", str(s.iters)]
@@ -96,7 +98,7 @@ def plan_commands(out: Path, s: Settings = Settings()) -> dict[str, list[str]]:
                          "--json", str(out / "bench" / "inference.json")]
     # Always the real preset: its log must pass the closed-division checks.
     cmds["training_run"] = [
-        *py_m, "train", "--preset", "ssd300_resnet34", "--synthetic", "--data-dir", str(out / "synthetic"),
+        *py_m, "train", "--preset", "ssd300_resnet34", "--synthetic", "--data-dir", str(data_dir),
         "--output-dir", str(out / "train"), "--division", "closed", "--device", s.device, "--data-backend", "torch",
         "--batch-size", str(s.train_batch), "--eval-batch-size", "64", "--epochs", str(s.train_epochs),
         "--eval-every", str(s.train_epochs), "--lr-decay-epochs", "44", "55", "--warmup-steps", "50",
@@ -105,7 +107,7 @@ def plan_commands(out: Path, s: Settings = Settings()) -> dict[str, list[str]]:
         cmds["training_run"] += ["--max-train-images", str(s.train_images), "--max-eval-images", str(s.train_images)]
     cmds["dali_gpu"] = [*common, "--preset", s.preset, "--warmup", str(s.dali_warmup), "--iters", str(s.dali_iters),
                         "--parts", "data", "--data-backends", "dali", "--num-workers", str(s.num_workers),
-                        "--data-dir", str(out / "synthetic"), "--json", str(out / "bench" / "dali.json")]
+                        "--data-dir", str(data_dir), "--json", str(out / "bench" / "dali.json")]
     cmds["cuda_tests"] = ["-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", "-rs",
                           *[str(p.relative_to(REPO)) for p in cuda_test_files()]]
     return cmds
@@ -220,12 +222,12 @@ def _training_details(out: Path, text: str) -> dict:
 
 
 def run_check(out: Path, budget_s: float = 330.0, settings: Settings = Settings(),
-              only: list[str] | None = None) -> tuple[dict, list[StepResult]]:
+              only: list[str] | None = None, data_dir: Path | None = None) -> tuple[dict, list[StepResult]]:
     """Run every step of :data:`STEPS` (``only``: the others are reported skipped) and return
     ``(environment, results)`` with one result per step, in :data:`STEPS` order."""
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s
-    cmds = plan_commands(out, settings)
+    cmds = plan_commands(out, settings, data_dir)
     results: dict[str, StepResult] = {}
 
     t0 = time.perf_counter()
@@ -366,12 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="output/gpu_check", help="folder for gpu_check.json, gpu_check.md, logs/")
     p.add_argument("--budget-s", type=float, default=330.0, help="time for all steps together")
     p.add_argument("--only", nargs="+", choices=STEPS[1:], default=None, help="run only these steps")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the synthetic dataset is written (default OUT/synthetic; ~20 MB)")
     p.add_argument("--smoke", action="store_true",
                    help="without a GPU: run the steps that can run on the CPU at toy sizes (tests the check itself)")
     args = p.parse_args(argv)
     out = Path(args.out)
     settings = SMOKE if args.smoke else Settings()
-    env, results = run_check(out, args.budget_s, settings, only=args.only)
+    env, results = run_check(out, args.budget_s, settings, only=args.only, data_dir=args.data_dir)
     failed = [r.name for r in results if r.status == "failed"]
     report = {"gpu": env["gpu"], "environment": env, "settings": asdict(settings),
               "steps": [asdict(r) for r in results], "failed": failed, "ok": not failed}
