@@ -173,7 +173,10 @@ def _run(argv: list[str], log: Path, timeout_s: float) -> tuple[int | None, str]
             rc: int | None = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             # The whole group: DataLoader workers and compile workers must not outlive the step.
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended in between
+                pass
             proc.wait()
             rc = None
     text = log.read_text(encoding="utf-8", errors="replace")
@@ -222,9 +225,14 @@ def _training_details(out: Path, text: str) -> dict:
 
 
 def run_check(out: Path, budget_s: float = 330.0, settings: Settings = Settings(),
-              only: list[str] | None = None, data_dir: Path | None = None) -> tuple[dict, list[StepResult]]:
+              only: list[str] | None = None, data_dir: Path | None = None,
+              progress=None) -> tuple[dict, list[StepResult]]:
     """Run every step of :data:`STEPS` (``only``: the others are reported skipped) and return
-    ``(environment, results)`` with one result per step, in :data:`STEPS` order."""
+    ``(environment, results)`` with one result per step, in :data:`STEPS` order.
+
+    ``progress(env, results)``, when given, is called after every step with the results so
+    far, the steps not yet run reported as failed ("not run"): a report written there
+    survives the whole check being killed from outside."""
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s
     cmds = plan_commands(out, settings, data_dir)
@@ -292,6 +300,9 @@ def run_check(out: Path, budget_s: float = 330.0, settings: Settings = Settings(
         results[name] = res
         print(f"gpu-check: {name}: {res.status} ({res.seconds:.0f} s){' - ' + res.reason if res.reason else ''}",
               flush=True)
+        if progress is not None:
+            progress(env, [results.get(n) or StepResult(n, "failed", "not run: the check was interrupted before it")
+                           for n in STEPS])
 
     base = results["benchmark_fp32"].details.get("images_per_s")
     for m in BENCHMARK_MODES:
@@ -375,14 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     settings = SMOKE if args.smoke else Settings()
-    env, results = run_check(out, args.budget_s, settings, only=args.only, data_dir=args.data_dir)
+
+    def write(env: dict, results: list[StepResult]) -> str:
+        failed = [r.name for r in results if r.status == "failed"]
+        report = {"gpu": env["gpu"], "environment": env, "settings": asdict(settings),
+                  "steps": [asdict(r) for r in results], "failed": failed, "ok": not failed}
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = markdown(env, results, settings)
+        (out / "gpu_check.md").write_text(text)
+        return text
+
+    env, results = run_check(out, args.budget_s, settings, only=args.only, data_dir=args.data_dir, progress=write)
+    print(write(env, results), flush=True)
     failed = [r.name for r in results if r.status == "failed"]
-    report = {"gpu": env["gpu"], "environment": env, "settings": asdict(settings),
-              "steps": [asdict(r) for r in results], "failed": failed, "ok": not failed}
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(env, results, settings)
-    (out / "gpu_check.md").write_text(text)
-    print(text, flush=True)
     skipped = [r.name for r in results if r.status == "skipped"]
     print(f"gpu-check: {len(results) - len(failed) - len(skipped)} passed, {len(skipped)} skipped, "
           f"{len(failed)} failed; report: {out / 'gpu_check.md'}", flush=True)
