@@ -235,6 +235,7 @@ def test_config_sets_the_contract_and_valid_trainer_flags(config):
     assert cfg.batch_size == int(v["BATCHSIZE"])
     if v["DGXSYSTEM"] != "CPU":  # the benchmark: MLPerf closed-division rules
         assert cfg.preset == "ssd300_resnet34" and not cfg.synthetic
+        assert cfg.device == "cuda"  # no silent fall-back to the CPU on a node without a usable GPU
         cfg.validate(closed=True)
         assert cfg.eval_every == 5 and cfg.max_samples in (1, 50) and cfg.lr is not None
 
