@@ -17,6 +17,17 @@ set -euo pipefail
 
 die() { printf 'gpu_check.sh: error: %s\n' "$*" >&2; exit 2; }
 
+# unpack_wheels NAME...: the wheel of each distribution NAME from WHEELHOUSE, unpacked into
+# ${site} (what pip --target --no-deps does for these wheels, which have no scripts).
+unpack_wheels() {
+    local name wheel
+    for name in "$@"; do
+        wheel="$(find "${WHEELHOUSE}" -maxdepth 1 -iname "${name//-/_}-*.whl" | sort | tail -n 1)"
+        [[ -n "${wheel}" ]] || { printf 'gpu_check.sh: no wheel of %s in %s\n' "${name}" "${WHEELHOUSE}" >&2; return 1; }
+        "${PYTHON}" -m zipfile -e "${wheel}" "${site}" || return 1
+    done
+}
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${OUT:-output/gpu_check}"
 if [[ $# -gt 0 && "$1" != -* ]]; then
@@ -41,21 +52,33 @@ if [[ -n "${WHEELHOUSE:-}" ]]; then
                 pytest:pytest iniconfig:iniconfig pluggy:pluggy packaging:packaging pygments:pygments; do
         "${PYTHON}" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
     done
-    pip=("${PYTHON}" -m pip install --no-index --find-links "${WHEELHOUSE}" --only-binary=:all: --upgrade
-         --target "${site}" --disable-pip-version-check --no-warn-script-location -q)
+    if "${PYTHON}" -m pip --version > /dev/null 2>&1; then
+        pip_with_deps=("${PYTHON}" -m pip install --no-index --find-links "${WHEELHOUSE}" --only-binary=:all:
+                       --upgrade --target "${site}" --disable-pip-version-check --no-warn-script-location -q)
+        pip=("${pip_with_deps[@]}" --no-deps)
+    else
+        # No pip on the node: a wheel without dependencies installs by unpacking it.
+        pip=(unpack_wheels)
+        echo "gpu_check.sh: ${PYTHON} has no pip; unpacking the wheels instead"
+    fi
     if [[ ${#missing[@]} -gt 0 ]]; then
         echo "gpu_check.sh: installing ${missing[*]} from ${WHEELHOUSE} into ${site}"
-        "${pip[@]}" --no-deps "${missing[@]}" || die "installing ${missing[*]} from ${WHEELHOUSE} failed (made for another Python version? see above)"
+        "${pip[@]}" "${missing[@]}" || die "installing ${missing[*]} from ${WHEELHOUSE} failed (made for another Python version? see above)"
     fi
     # torchvision imports pillow: checked with what was just installed.
     if ! PYTHONPATH="${site}" "${PYTHON}" -c 'import torchvision' 2>/dev/null; then
         compgen -G "${WHEELHOUSE}/torchvision-*.whl" > /dev/null \
             || die "this PyTorch has no (working) torchvision and ${WHEELHOUSE} holds none (make wheelhouse TORCHVISION=<version>)"
-        # --no-deps: torchvision must not bring a torch of its own.
-        "${pip[@]}" --no-deps torchvision || die "installing torchvision from ${WHEELHOUSE} failed"
+        # Without dependencies: torchvision must not bring a torch of its own.
+        "${pip[@]}" torchvision || die "installing torchvision from ${WHEELHOUSE} failed"
     fi
     if ! "${PYTHON}" -c 'import nvidia.dali' 2>/dev/null && compgen -G "${WHEELHOUSE}/nvidia_dali*.whl" > /dev/null; then
-        "${pip[@]}" nvidia-dali-cuda130 || echo "gpu_check.sh: WARNING: installing DALI failed; its step will be skipped" >&2
+        if [[ "${pip[0]}" == unpack_wheels ]]; then
+            echo "gpu_check.sh: WARNING: DALI needs pip to install; its step will be skipped" >&2
+        else
+            "${pip_with_deps[@]}" nvidia-dali-cuda130 \
+                || echo "gpu_check.sh: WARNING: installing DALI failed; its step will be skipped" >&2
+        fi
     fi
     pythonpath="${REPO_ROOT}:${site}"
 fi
