@@ -13,7 +13,7 @@ EXTRAS ?= test,dali
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test benchmark clean
+.PHONY: all venv demo test benchmark wheelhouse gpu-check clean
 
 all: test
 
@@ -52,6 +52,23 @@ test: $(VENV)/.installed-$(EXTRAS)
 
 benchmark: venv
 	$(PY) -m single_stage_detector benchmark $(ARGS)
+
+# The GPU check (docs/GPU.md). `make wheelhouse PY=3.12` (where the package index is
+# reachable) downloads into wheelhouse/ what the harness needs beyond PyTorch for Linux x86-64
+# and that Python (TORCHVISION=<version> and DALI=1 add those); on the GPU node,
+# `WHEELHOUSE=wheelhouse make gpu-check OUT=dir` installs from it without network and runs the
+# check with the node's own PyTorch (GPU_CHECK_PYTHON, default python3; .venv's if present).
+WHEELHOUSE_DIR ?= wheelhouse
+WHEELHOUSE ?=
+OUT ?= output/gpu_check
+GPU_CHECK_ARGS ?=
+wheelhouse:
+	scripts/make_wheelhouse.sh $(WHEELHOUSE_DIR) $(if $(filter 3.%,$(PY)),$(PY),3.12)
+
+gpu-check:
+	WHEELHOUSE="$(WHEELHOUSE)" OUT="$(OUT)" \
+	  PYTHON="$${GPU_CHECK_PYTHON:-$$(test -x $(VENV)/bin/python && echo $(VENV)/bin/python || echo python3)}" \
+	  scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf output .pytest_cache

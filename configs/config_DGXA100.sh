@@ -20,6 +20,6 @@ export NEXP="${NEXP:-5}"             # MLPerf scores a system on 5 runs
 export WALLTIME="${WALLTIME:-02:00:00}" # all NEXP runs (about 15 min each, with start-up)
 
 # Data loading: 8 worker processes per GPU (a DGX A100 has 128 cores); not tuned yet.
-export EXTRA_PARAMS="--batch-size ${BATCHSIZE} --lr 0.09 --warmup-steps 650 --warmup-factor 1
+export EXTRA_PARAMS="--device cuda --batch-size ${BATCHSIZE} --lr 0.09 --warmup-steps 650 --warmup-factor 1
  --weight-decay 1.3e-4 --lr-decay-epochs 44 55 --eval-every 5 --max-samples 1
  --num-workers 8"

@@ -18,6 +18,6 @@ export BATCHSIZE=24
 export NEXP="${NEXP:-5}"
 export WALLTIME="${WALLTIME:-01:00:00}" # all NEXP runs (a few minutes each, plus start-up)
 
-export EXTRA_PARAMS="--batch-size ${BATCHSIZE} --lr 0.15 --warmup-steps 650 --warmup-factor 1
+export EXTRA_PARAMS="--device cuda --batch-size ${BATCHSIZE} --lr 0.15 --warmup-steps 650 --warmup-factor 1
  --weight-decay 1.3e-4 --lr-decay-epochs 44 55 --eval-every 5 --max-samples 1
  --num-workers 8"

@@ -125,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .data.coco import DatasetError
+    from .distributed import DeviceUnavailableError
     from .losses import NonFiniteLossError
     from .models.backbone_weights import BackboneWeightsError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, BackboneWeightsError) as e:
+    except (ConfigError, DatasetError, BackboneWeightsError, DeviceUnavailableError) as e:
         # Bad input: one clear line naming the file or flag, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2

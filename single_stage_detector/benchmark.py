@@ -8,10 +8,20 @@ backend (``--data-backends torch dali``; DALI is skipped with a note when not in
 realistic box statistics, each next to the plain per-image implementation of the same
 maths (:mod:`.reference_impl`), interleaved in one process.
 Figures are medians over timed iterations after warm-up iterations.
+
+Training fast-path modes (``--mode``, one per process so that each starts cold): ``fp32``
+(the baseline: fp32, NCHW, foreach SGD, eager), ``bf16``, ``bf16-cl`` (+ channels-last),
+``fp16-cl`` (fp16 with the gradient scaler), ``bf16-cl-compile`` (+ ``torch.compile``),
+``bf16-cl-graphs`` (+ the whole step as one CUDA graph; CUDA only). Every mode but ``fp32``
+uses fused SGD where the device supports it. Without ``--mode`` the individual flags
+apply; their CUDA defaults are bf16, channels-last, fused SGD, eager. In every mode the
+targets are encoded on the device in each step, outside the captured/compiled part, as in
+training. ``--json`` writes the rows and the settings for scripts (``gpu_check``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -35,6 +45,14 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", help="auto | off | bf16 | fp16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the detector (train part)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training step as one CUDA graph (CUDA only; eager fallback on other shapes)")
+    p.add_argument("--fused-sgd", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused SGD kernel (default: on where supported on CUDA)")
+    p.add_argument("--mode", choices=sorted(MODES), default=None,
+                   help="a named fast-path mode; sets --amp, --channels-last, --fused-sgd, --compile, --cuda-graphs")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows and settings as JSON")
     p.add_argument("--data-dir", default=None,
                    help="dataset for the data part (default: data/synthetic, generated if missing; "
                         "data/photos with --photos)")
@@ -47,6 +65,25 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, default=1)
     p.add_argument("--data-backends", nargs="+", default=["torch", "dali"], choices=["torch", "dali"],
                    help="input pipelines timed by the data part (dali is skipped with a note when not installed)")
+
+
+# Training fast-path modes: (amp, channels_last, fused_sgd (None: where supported), compile, cuda_graphs).
+MODES: dict[str, tuple[str, bool, bool | None, bool, bool]] = {
+    "fp32": ("off", False, False, False, False),
+    "bf16": ("bf16", False, None, False, False),
+    "bf16-cl": ("bf16", True, None, False, False),
+    "fp16-cl": ("fp16", True, None, False, False),
+    "bf16-cl-compile": ("bf16", True, None, True, False),
+    "bf16-cl-graphs": ("bf16", True, None, False, True),
+}
+
+
+def apply_mode(args: argparse.Namespace) -> None:
+    """Set the individual fast-path flags from ``args.mode`` (no-op without one)."""
+    mode = getattr(args, "mode", None)
+    if mode is None:
+        return
+    args.amp, args.channels_last, args.fused_sgd, args.compile, args.cuda_graphs = MODES[mode]
 
 
 def _sync(device: torch.device) -> None:
@@ -315,17 +352,28 @@ def _benchmark_components(args: argparse.Namespace, device: torch.device) -> lis
 
 
 def run_benchmark(args: argparse.Namespace) -> list[dict]:
+    """Time the requested parts, print the table, return its rows (and write ``--json``).
+
+    Raises:
+        SystemExit: ``--cuda-graphs`` on a device other than CUDA.
+    """
     from .detector import SSDDetector
     from .distributed import select_device
-    from .engine import AmpSettings, backward, optimizer_step
+    from .engine import AmpSettings
+    from .fast_path import CudaGraphTrainStep, TrainStep, compile_for_training, enable_cudnn_autotune, make_sgd
     from .models import build_model, get_preset
 
+    apply_mode(args)
     device = select_device(args.device)
     preset = get_preset(args.preset)
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
     amp = AmpSettings.resolve(args.amp, device)
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    use_compile, cuda_graphs = getattr(args, "compile", False), getattr(args, "cuda_graphs", False)
+    if cuda_graphs and device.type != "cuda":
+        raise SystemExit(f"benchmark: --cuda-graphs needs a CUDA device, not {device}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    enable_cudnn_autotune(device)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     rows: list[dict] = []
@@ -333,7 +381,11 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} threads)"
     amp_name = str(amp.dtype).replace("torch.", "") if amp.enabled else "fp32"
     print(f"device: {name}; preset {preset.name} (input {preset.input_size}); batch {batch}; "
-          f"precision {amp_name}; channels_last {channels_last}; torch {torch.__version__}", flush=True)
+          f"precision {amp_name}; channels_last {channels_last}; compile {use_compile}; "
+          f"cuda_graphs {cuda_graphs}; torch {torch.__version__}", flush=True)
+    settings = {"device": name, "preset": preset.name, "batch": batch, "precision": amp_name,
+                "channels_last": channels_last, "compile": use_compile, "cuda_graphs": cuda_graphs,
+                "mode": getattr(args, "mode", None), "torch": torch.__version__}
 
     detector = None
     if "train" in args.parts or "eval" in args.parts:
@@ -343,21 +395,36 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         images = torch.randn(batch, 3, preset.input_size, preset.input_size, device=device).to(memory_format=fmt)
 
     if "train" in args.parts:
-        opt = torch.optim.SGD(detector.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+        opt = make_sgd(detector.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4, device=device,
+                       fused=getattr(args, "fused_sgd", None))
+        settings["fused_sgd"] = bool(opt.defaults.get("fused"))
         boxes, labels = _random_targets(batch, gen)
         boxes = [b.to(device) for b in boxes]
         labels = [lb.to(device) for lb in labels]
         scaler = torch.amp.GradScaler(device.type) if amp.needs_scaler else None
         detector.train()
+        module = compile_for_training(detector, detector, device) if use_compile else detector
+        if cuda_graphs:
+            # Autocast's weight-cast cache must be off while capturing (the graph owns the casts).
+            step = CudaGraphTrainStep(module, opt, lambda: torch.autocast("cuda", amp.dtype, enabled=amp.enabled,
+                                                                          cache_enabled=False), scaler)
+        else:
+            step = TrainStep(module, opt, amp.autocast, scaler)
 
         def train_step() -> None:
-            with amp.autocast():
-                losses = detector(images, {"boxes": boxes, "labels": labels})
-            backward(sum(losses.values()), scaler)
-            optimizer_step(opt, scaler)
+            with torch.no_grad():
+                loc_t, labels_t = detector.encode_targets(boxes, labels)
+            step(images, loc_t, labels_t)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t = _time(train_step, args.warmup, args.iters, device)
-        rows.append({"part": "train step (fwd+loss+bwd+SGD)", "batch": batch, "median_s": statistics.median(t)})
+        row = {"part": "train step (fwd+loss+bwd+SGD)", "batch": batch, "median_s": statistics.median(t)}
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if cuda_graphs:
+            row["graph_replays"], row["graph_fallbacks"] = step.replays, step.fallbacks
+        rows.append(row)
 
     if "eval" in args.parts:
         detector.eval()
@@ -367,8 +434,13 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
             with amp.autocast():
                 detector(images)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t = _time(eval_step, args.warmup, args.iters, device)
-        rows.append({"part": "inference (fwd+decode+NMS)", "batch": batch, "median_s": statistics.median(t)})
+        row = {"part": "inference (fwd+decode+NMS)", "batch": batch, "median_s": statistics.median(t)}
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        rows.append(row)
 
     if "data" in args.parts:
         rows.extend(_benchmark_data(args, preset, batch, device))
@@ -389,4 +461,11 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
             r["images_per_s"] = r["batch"] / r["median_s"]
             print(f"{r['part']:<26} {r['workload']:<46} {r['batch']:>5} {r['ours_ms_per_image']:>8.3f} "
                   f"{r['plain_ms_per_image']:>8.3f} {r['plain_ms_per_image'] / r['ours_ms_per_image']:>7.1f}x")
+    for r in rows:
+        if "peak_memory_gib" in r:
+            print(f"peak GPU memory ({r['part']}): {r['peak_memory_gib']:.2f} GiB")
+    if getattr(args, "json", None):
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"settings": settings, "rows": rows + component_rows}, fh, indent=2)
     return rows + component_rows

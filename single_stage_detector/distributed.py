@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "LaunchEnv", "launch_env", "expand_slurm_nodelist", "first_slurm_host",
            "init_distributed", "sync_batch_norm", "CpuSyncBatchNorm", "shutdown", "broadcast_seed", "seed_everything", "barrier",
-           "broadcast_float", "select_device", "average_batch_norm_stats", "sum_over_ranks"]
+           "broadcast_float", "select_device", "cuda_unavailable_reason", "DeviceUnavailableError", "average_batch_norm_stats", "sum_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -33,17 +33,50 @@ class DistInfo:
         return self.world_size > 1
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why CUDA cannot be used by this process (None when it can), in words a user can act on:
+    a CPU-only torch build, no GPU visible (none requested from the scheduler,
+    ``CUDA_VISIBLE_DEVICES`` empty), or the driver refusing the build (too old)."""
+    if torch.version.cuda is None:
+        return f"this PyTorch build ({torch.__version__}) has no CUDA support"
+    try:
+        if torch.cuda.device_count() == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+            return f"no GPU is visible to this process{hint}; was one requested from the scheduler?"
+        torch.cuda.init()
+    except (RuntimeError, AssertionError) as e:  # e.g. a driver older than the build's CUDA
+        return f"CUDA does not initialise: {str(e).strip().splitlines()[0]}"
+    return None
+
+
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks the process's local GPU when CUDA works, else the CPU."""
+    """``auto`` picks the process's local GPU when CUDA works, else the CPU (with a warning
+    naming why); ``cuda``/``cuda:N`` requires a usable GPU.
+
+    Raises:
+        DeviceUnavailableError: ``cuda`` requested and CUDA is unusable (the message says why).
+    """
     if requested == "auto":
-        return torch.device("cuda", _local_gpu(local_rank)) if torch.cuda.is_available() else torch.device("cpu")
+        reason = cuda_unavailable_reason()
+        if reason is None:
+            return torch.device("cuda", _local_gpu(local_rank))
+        if torch.version.cuda is not None:  # a CUDA build on a machine without a usable GPU: say so
+            print(f"WARNING: --device auto: running on the CPU because {reason}. GPU configurations pass "
+                  "--device cuda, which stops here instead.", flush=True)
+        return torch.device("cpu")
     device = torch.device(requested)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise DeviceUnavailableError(f"--device {requested}: {reason}")
         if device.index is None:
             device = torch.device("cuda", _local_gpu(local_rank))
     return device
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device cannot be used (the message names the reason)."""
 
 
 def _local_gpu(local_rank: int) -> int:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .data.batch import DetectionBatch
 from .distributed import DistInfo, average_batch_norm_stats
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_results
-from .losses import check_finite
+from .losses import FiniteLossMonitor
 
 __all__ = ["LRSchedule", "AmpSettings", "EpochStats", "MetricsWriter", "ShardedEvalResult", "backward", "optimizer_step", "train_one_epoch",
            "evaluate", "FAULT_INJECT_ENV"]
@@ -286,6 +286,9 @@ def train_one_epoch(
     total = steps_per_epoch if steps_per_epoch is not None else "?"
     fault_step = _fault_injection_step(info.rank)
     optimizer.zero_grad(set_to_none=True)
+    # Non-finite losses: checked every step on the CPU, at logging steps and the epoch end on
+    # GPUs (reading a loss value would stall the stream in every step).
+    finite = FiniteLossMonitor(immediate=info.device.type == "cpu")
     previous: DetectionBatch | None = None
     try:
         total_micro = len(loader)  # type: ignore[arg-type]
@@ -327,7 +330,7 @@ def train_one_epoch(
             with amp.autocast(), bn_ctx:
                 losses = detector(batch.images, batch.targets())
             loss = sum(losses.values())
-            check_finite(losses, where=f"epoch {epoch}, step {step + 1}")
+            finite.update(losses, step + 1, where=f"epoch {epoch}")
             backward(loss * (loss_weight * share / micro_per_step), scaler)
         micro += 1
         if loss_weight:
@@ -344,6 +347,7 @@ def train_one_epoch(
         stats.steps += 1
 
         if stats.steps % log_every == 0 or stats.steps == 1:
+            finite.check(where=f"epoch {epoch}")
             now = time.perf_counter()
             values = {k: float(v.detach()) for k, v in losses.items()}
             stats.last_loss = values
@@ -357,6 +361,7 @@ def train_one_epoch(
             t_log, images_since_log = now, 0
         if steps_per_epoch is not None and stats.steps >= steps_per_epoch:
             break
+    finite.check(where=f"epoch {epoch}")
     if info.device.type == "cuda":
         torch.cuda.synchronize(info.device)
     stats.seconds = time.perf_counter() - t0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MultiboxLoss", "NonFiniteLossError", "check_finite"]
+__all__ = ["MultiboxLoss", "NonFiniteLossError", "check_finite", "FiniteLossMonitor"]
 
 # Rows of logits per log_softmax call on CPU: ~1 MB chunks stay in cache, and no [N, C]
 # temporary is written at all.
@@ -171,5 +171,57 @@ def check_finite(losses: dict[str, Tensor], where: str = "") -> None:
         terms = ", ".join(f"{k}={v!r}" for k, v in values.items())
         raise NonFiniteLossError(
             f"non-finite loss {'at ' + where + ' ' if where else ''}({', '.join(bad)}): {terms}. "
+            "Try a lower learning rate, a longer warm-up, or --amp off to rule out overflow."
+        )
+
+
+# "No non-finite step yet" in FiniteLossMonitor's device-side record.
+_NO_STEP = 2**62
+
+
+class FiniteLossMonitor:
+    """Detects a NaN/inf loss without a host synchronisation in every step.
+
+    ``immediate`` (the CPU, where reading a value costs nothing): :meth:`update` checks each
+    step at once, as :func:`check_finite`. Otherwise (GPU): :meth:`update` only records, on
+    the device, the first step whose loss is not finite; :meth:`check`, called at logging
+    steps and at the end of an epoch, reads that record (one synchronisation) and raises
+    :class:`NonFiniteLossError` naming the first bad step and the steps since the last check.
+    Steps are optimiser-step numbers (1-based, as in the progress lines).
+    """
+
+    def __init__(self, immediate: bool) -> None:
+        self.immediate = immediate
+        self._first_bad: Tensor | None = None
+        self._losses: dict[str, Tensor] = {}
+        self._from_step: int | None = None
+        self._to_step: int | None = None
+
+    def update(self, losses: dict[str, Tensor], step: int, where: str = "") -> None:
+        """Record (or, when ``immediate``, check) the loss terms of optimiser step ``step``."""
+        if self.immediate:
+            check_finite(losses, where=f"{where}, step {step}" if where else f"step {step}")
+            return
+        total = sum(v.detach().float() for v in losses.values())
+        candidate = torch.where(torch.isfinite(total), _NO_STEP, step)
+        self._first_bad = candidate if self._first_bad is None else torch.minimum(self._first_bad, candidate)
+        self._losses = losses
+        if self._from_step is None:
+            self._from_step = step
+        self._to_step = step
+
+    def check(self, where: str = "") -> None:
+        """Raise :class:`NonFiniteLossError` if a step recorded since the last check was not finite."""
+        if self._first_bad is None:
+            return
+        first, span = int(self._first_bad), (self._from_step, self._to_step)
+        self._first_bad, self._from_step, self._to_step = None, None, None
+        if first == _NO_STEP:
+            return
+        values = {k: float(v.detach()) for k, v in self._losses.items()}
+        terms = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        raise NonFiniteLossError(
+            f"non-finite loss {'in ' + where + ' ' if where else ''}at step {first} (checked steps "
+            f"{span[0]}..{span[1]}; terms at step {span[1]}: {terms}). "
             "Try a lower learning rate, a longer warm-up, or --amp off to rule out overflow."
         )

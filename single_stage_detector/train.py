@@ -27,6 +27,7 @@ from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast
                           init_distributed, seed_everything, shutdown, sum_over_ranks, sync_batch_norm)
 from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, train_one_epoch
 from .evaluation import CocoEvaluator, UndefinedAPError
+from .fast_path import compile_for_training, enable_cudnn_autotune, make_sgd
 from .mlperf_log import C, MLPerfLogger, move_aside
 from .models import build_model, count_parameters
 from .models.mlperf_names import mlperf_tensor_names
@@ -123,6 +124,7 @@ def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
         say("WARNING: the ResNet-34 backbone is RANDOMLY INITIALISED (no --pretrained-backbone). "
             "The benchmark needs ImageNet weights to reach 0.23 mAP: run scripts/get_resnet34_backbone.sh.")
     model = _build_sync_bn(model, cfg, info)
+    enable_cudnn_autotune(info.device)
     detector = SSDDetector(model, preset.box_spec).to(info.device)
     amp = AmpSettings.resolve(cfg.amp, info.device)
     eval_amp = AmpSettings.resolve_eval(cfg.eval_amp, info.device)
@@ -138,7 +140,7 @@ def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
             detector, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             broadcast_buffers=False)
     if cfg.compile:
-        train_module = torch.compile(train_module)
+        train_module = compile_for_training(train_module, detector, info.device)
     return _ModelParts(model, detector, train_module, amp, eval_amp, channels_last)
 
 
@@ -211,8 +213,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     eval_amp = m.eval_amp
     global_batch = cfg.global_batch_size(info.world_size)
     lr = cfg.learning_rate(info.world_size)
-    optimizer = torch.optim.SGD(detector.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                foreach=True)
+    optimizer = make_sgd(detector.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         device=info.device)  # fused on CUDA
     scaler = torch.amp.GradScaler(info.device.type) if amp.needs_scaler else None
 
     mlog.hyperparameters({

@@ -24,3 +24,11 @@ def demo_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "single_stage_detector", "demo", "--data-dir", str(data),
                            "--output-dir", str(out)], capture_output=True, text=True, cwd=root, timeout=900)
     return {"out": out, "data": data, "proc": proc}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``cuda`` every test that is skipped when CUDA is unavailable (a ``skipif`` whose
+    reason names CUDA), so that ``pytest -m cuda`` (the GPU check) selects exactly those."""
+    for item in items:
+        if any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)

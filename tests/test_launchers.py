@@ -235,6 +235,7 @@ def test_config_sets_the_contract_and_valid_trainer_flags(config):
     assert cfg.batch_size == int(v["BATCHSIZE"])
     if v["DGXSYSTEM"] != "CPU":  # the benchmark: MLPerf closed-division rules
         assert cfg.preset == "ssd300_resnet34" and not cfg.synthetic
+        assert cfg.device == "cuda"  # no silent fall-back to the CPU on a node without a usable GPU
         cfg.validate(closed=True)
         assert cfg.eval_every == 5 and cfg.max_samples in (1, 50) and cfg.lr is not None
 
@@ -566,10 +567,17 @@ def test_run_sub_with_fake_slurm(tmp_path):
     assert len(lines) == 4 and "drop_caches" in lines[0] and "--ntasks=8 --ntasks-per-node=1" in lines[0]
     train = lines[1]
     assert "--ntasks=64 --ntasks-per-node=8" in train and "--container-image=registry#ssd:v1" in train
+    assert "--gpus-per-node=8" in train and "--gpus-per-node" not in lines[0]  # GPUs for training only
     assert f"--container-mounts={tmp_path / 'data'}:/data,{tmp_path / 'logs'}:/results" in train
     assert "RUN_NAME=d_1" in train and "CLEAR_CACHES=1" in train and "RUN_NAME=d_2" in lines[3]
     assert train.endswith("/workspace/ssd/scripts/run_and_time.sh")
     assert "master node001:29500" in proc.stdout
+
+    calls.unlink()
+    proc = subprocess.run(["bash", str(REPO / "run.sub")], env={**env, "GPU_REQUEST": "gres", "NEXP": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--gres=gpu:8" in calls.read_text().splitlines()[1]
 
     env["SLURM_JOB_NUM_NODES"] = "2"
     proc = subprocess.run(["bash", str(REPO / "run.sub")], env=env, capture_output=True, text=True, timeout=60)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from single_stage_detector.losses import MultiboxLoss, NonFiniteLossError, check_finite
+from single_stage_detector.losses import FiniteLossMonitor, MultiboxLoss, NonFiniteLossError, check_finite
 
 
 def _reference_loss(loc_pred, cls_logits, loc_target, labels, ratio=3):
@@ -76,3 +76,19 @@ def test_non_finite_loss_names_every_term():
     with pytest.raises(NonFiniteLossError, match=r"cls.*loc=1\.5.*cls=nan"):
         check_finite({"loc": torch.tensor(1.5), "cls": torch.tensor(float("nan"))}, where="epoch 1, step 3")
     check_finite({"loc": torch.tensor(1.0)})
+
+
+def test_deferred_non_finite_check_names_the_first_bad_step():
+    """The GPU mode records on the device and raises only at a check, naming the first bad step
+    and the range checked; the CPU mode raises at once."""
+    ok, nan, inf = torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))
+    monitor = FiniteLossMonitor(immediate=False)
+    monitor.update({"loc": ok, "cls": ok}, 1)
+    monitor.check()  # all finite: nothing raised, state reset
+    for step, cls in ((2, ok), (3, inf), (4, nan), (5, ok)):
+        monitor.update({"loc": ok, "cls": cls}, step)  # no raise: nothing is read here
+    with pytest.raises(NonFiniteLossError, match=r"in epoch 7 at step 3 \(checked steps 2\.\.5; .*loc=1\.0"):
+        monitor.check(where="epoch 7")
+    monitor.check()  # reported once
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 9"):
+        FiniteLossMonitor(immediate=True).update({"loc": nan}, 9, where="epoch 2")

@@ -415,7 +415,7 @@ class DaliTrainLoader(_DaliLoaderBase):
         self.augment = augment
         self._dali_encode = default_boxes is not None and box_encoder == "dali"
         self._extra_outputs = ["crop", "flip"] + (["enc_loc", "enc_labels"] if self._dali_encode else [])
-        self.last_augmentation: dict[str, Tensor] = {}  # crop windows / flips of the last batch (for statistics)
+        self._last_augmentation: tuple[Tensor, Tensor] | None = None
         self._coder = None
         if default_boxes is not None:
             from ..box_coder import BoxCoder
@@ -470,16 +470,29 @@ class DaliTrainLoader(_DaliLoaderBase):
             self._in_epoch = False
         self._finish_epoch()
 
+    @property
+    def last_augmentation(self) -> dict[str, Tensor]:
+        """Crop windows (``Tensor[B, 4]``) and flips (``Tensor[B]`` bool) of the last batch, on the
+        CPU, for statistics; copied only when read (not in every training step)."""
+        if self._last_augmentation is None:
+            return {}
+        crop, flip = self._last_augmentation
+        return {"crop": crop.reshape(-1, 4).cpu(), "flip": flip.reshape(-1).cpu().bool()}
+
     def _to_batch(self, data: dict[str, Tensor]) -> DetectionBatch:
         images, boxes, labels, ids, hw = self._unpack(data)
-        self.last_augmentation = {"crop": data["crop"].reshape(-1, 4).cpu(),
-                                  "flip": data["flip"].reshape(-1).cpu().bool()}
+        self._last_augmentation = (data["crop"], data["flip"])
         encoded = None
         if self._dali_encode:
             encoded = (data["enc_loc"], data["enc_labels"].long())
         elif self._coder is not None:
+            # One host-to-device copy for the whole batch's boxes and one for its labels (not
+            # two per image: each small blocking copy is a stream synchronisation).
             dev = self._coder.default_boxes.device
-            encoded = self._coder.encode([b.to(dev) for b in boxes], [lb.to(dev) for lb in labels])
+            counts = [int(b.shape[0]) for b in boxes]
+            dev_boxes = list(torch.cat(boxes).to(dev, non_blocking=True).split(counts)) if boxes else []
+            dev_labels = list(torch.cat(labels).to(dev, non_blocking=True).split(counts)) if labels else []
+            encoded = self._coder.encode(dev_boxes, dev_labels)
         return DetectionBatch(images=images, boxes=boxes, labels=labels, image_ids=ids, orig_sizes=hw,
                               valid=torch.ones(len(ids), dtype=torch.bool), encoded=encoded)
 

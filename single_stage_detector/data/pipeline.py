@@ -184,7 +184,8 @@ def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1
                              transform=SSDEvalTransform(input_size), limit=cfg.max_eval_images,
                              skip_empty=not cfg.eval_all_images)
         loader = build_eval_loader(val_set, cfg.eval_batch_size, num_workers=cfg.num_workers, rank=rank,
-                                   world_size=world_size, persistent_workers=persistent_workers)
+                                   world_size=world_size, persistent_workers=persistent_workers,
+                                   pin_memory=device.type == "cuda")
         return EvalInput("torch", loader, len(val_set), val_set.annotation_file, val_set)
 
     from .dali import DaliEvalLoader
