@@ -173,6 +173,18 @@ class _Parser(_OneLineErrors, argparse.ArgumentParser):
     pass
 
 
+class _CommandListFormatter(argparse.HelpFormatter):
+    """Wide enough that every command and its summary share one line, the longest name included."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32, width=100)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # The command names are indented one level deeper when printed than when measured.
+        self._action_max_length = max(self._action_max_length, 30)
+
+
 class _LazyParser(_OneLineErrors, argparse.ArgumentParser):
     """A subcommand parser whose flags are added when that subcommand is parsed, so that a
     module with heavy imports (the benchmark: torch) is loaded only for its own command."""
@@ -203,10 +215,8 @@ def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Wide enough that every command's summary stays on one line.
-    parser = _Parser(
-        prog="python -m single_stage_detector", description=DESCRIPTION,
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=28, width=100))
+    parser = _Parser(prog="python -m single_stage_detector", description=DESCRIPTION,
+                     formatter_class=_CommandListFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
                                 parser_class=_LazyParser)
 
