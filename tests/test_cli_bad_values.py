@@ -161,3 +161,13 @@ def test_every_flag_has_help_and_one_shown_default():
             if text.count("(default") > 1:
                 problems.append(f"{name} {action.option_strings[0]}: default shown twice: {text}")
     assert not problems, "\n".join(problems)
+
+
+def test_warmup_longer_than_the_run_gets_a_hint(capsys):
+    from single_stage_detector.__main__ import _warmup_hint
+    from single_stage_detector.config import TrainConfig
+
+    _warmup_hint(TrainConfig(data_dir="d", max_train_images=64, batch_size=8, epochs=2))  # 16 steps < 300
+    assert "--warmup-steps 300 is at least the whole run (about 16 steps" in capsys.readouterr().out
+    _warmup_hint(TrainConfig(data_dir="d", max_train_images=64, batch_size=8, epochs=2, warmup_steps=4))
+    assert capsys.readouterr().out == ""

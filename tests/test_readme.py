@@ -149,6 +149,9 @@ def test_walk_the_readme(demo_run, tmp_path):
         ran.append((command, proc))
     assert len(ran) == sum(p[0] == "run" for p in PLAN.values())
     out = dict((c, p.stdout) for c, p in ran)
+    # The synthetic dataset was generated once, by the demo, and said so; the trials reuse it.
+    assert "generated the synthetic dataset in" in demo_run["proc"].stdout
+    assert not any("generated the synthetic dataset" in p.stdout for _, p in ran)
 
     # The checker command leaves its own log where it was told, not in the working folder.
     assert not (repo / "compliance_checker.log").exists()
