@@ -97,8 +97,6 @@ def _preflight(cfg) -> None:
 
 def _warmup_hint(cfg) -> None:
     """Say so when the warm-up alone is longer than the whole run could be (short trials)."""
-    import os
-
     # The training set's size is known before reading it only when capped or generated here.
     sizes = [n for n in (cfg.max_train_images, cfg.synthetic_train_images if cfg.synthetic else None) if n]
     if not cfg.warmup_steps or not sizes or os.environ.get("RANK", "0") != "0":
@@ -130,7 +128,6 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     require_positive(args, "--train-images", "--val-images")
     if os.path.exists(args.root) and not os.path.isdir(args.root):
         raise ConfigError(f"{args.root} is a file, not a folder")
-
     s = ensure_synthetic_coco(args.root, num_train=args.train_images, num_val=args.val_images, seed=args.seed)
     verb = f"generated in {s['seconds']:.1f} s" if s["generated"] else "already there (same parameters), kept"
     print(f"synthetic dataset {s['root']}: {verb}\n"

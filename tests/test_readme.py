@@ -139,6 +139,8 @@ def test_walk_the_readme(demo_run, tmp_path):
         full = f"{command} {extra}".strip()
         # Each launcher command names its trials trial<k>_<i>; the checker command reads trial0_1.
         step_env = env
+        if "${DATESTAMP}" in command:
+            step_env = {**env, "DATESTAMP": "trial0"}
         if "run_and_time.sh" in command:
             step_env = {**env, "DATESTAMP": f"trial{launches}"}
             launches += 1
@@ -173,10 +175,14 @@ def test_walk_the_readme(demo_run, tmp_path):
         assert re.search(rf"^{name}\.log\s+aborted\s+no\b", score, re.M), score
     assert "MLPerf score: none" in score and "note: an MLPerf score needs 5 runs, got 7" in score
     # plot on the launchers' layout: per-run charts with loss and LR read from LOGDIR/RUN/.
+    from single_stage_detector.tools.plots import load_run
+
     plot = out["python -m single_stage_detector plot output/results"]
     assert "no metrics.jsonl" not in plot
     for name in names:
         assert (results / "plots" / name / "metrics_vs_time.png").is_file()
+        curves = load_run(results / f"{name}.log")  # what the loss and LR panels drew
+        assert any("loss" in r for r in curves.train) and any("lr" in r for r in curves.train), name
     assert (results / "plots" / "overlay.png").is_file()
     assert (repo / "output" / "demo" / "plots" / "loss_map.png").is_file()
     assert (repo / "output" / "demo" / "detections.png").is_file()

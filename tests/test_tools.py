@@ -293,6 +293,25 @@ def test_plots_of_one_run_and_an_overlay(tiny_run, five_runs, tmp_path, capsys):
     assert "no metrics.jsonl" in printed
 
 
+def test_plot_reads_the_launchers_layout(tiny_run, tmp_path, capsys):
+    """run_and_time.sh writes LOGDIR/RUN.log and LOGDIR/RUN/metrics.jsonl: both the log and the
+    folder name the run, and the loss and LR panels get the metrics without --metrics."""
+    import shutil
+
+    from single_stage_detector.tools.plots import load_run
+
+    logs = tmp_path / "logs"
+    shutil.copytree(tiny_run, logs / "r1", ignore=shutil.ignore_patterns("mlperf.log", "plots"))
+    shutil.copyfile(tiny_run / "mlperf.log", logs / "r1.log")
+    run = load_run(logs / "r1.log")
+    assert run.metrics_file == logs / "r1" / "metrics.jsonl"
+    assert sum("loss" in r for r in run.train) >= 2 and sum("lr" in r for r in run.train) >= 2
+    assert main(["plot", str(logs / "r1")]) == 0
+    printed = capsys.readouterr().out
+    assert "no metrics.jsonl" not in printed and f"plots: {logs / 'r1' / 'plots'}" in printed
+    assert _png_size(logs / "r1" / "plots" / "loss_map.png") == (1000, 400)
+
+
 def test_show_detections_grid(tiny_run, tmp_path, capsys):
     png = tmp_path / "det.png"
     assert main(["show-detections", str(tiny_run / "checkpoint.pt"), "--output", str(png), "-n", "5",
