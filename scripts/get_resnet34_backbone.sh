@@ -25,7 +25,8 @@ Environment:
   OUTDIR          output folder (default: current folder)
   BACKBONE_URL    download from here instead of the official URL
   BACKBONE_SHA256 expected SHA-256 of the .pth (default: the official file's hash)
-  PYTHON          interpreter with torch and numpy (default python3)
+  PYTHON          interpreter with torch and numpy (default: the repository's .venv/bin/python
+                  when it exists, else python3); checked before anything is downloaded
 EOF
 }
 
@@ -44,7 +45,13 @@ while [[ $# -gt 0 ]]; do
 done
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python3}"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$SCRIPT_DIR/../.venv/bin/python" ]]; then PYTHON="$SCRIPT_DIR/../.venv/bin/python"; else PYTHON=python3; fi
+fi
+# The conversion needs torch and numpy: find out now, not after an 87 MB download.
+command -v "$PYTHON" >/dev/null 2>&1 || die "interpreter '$PYTHON' not found (set PYTHON, or run 'make venv')"
+"$PYTHON" -c 'import numpy, torch' >/dev/null 2>&1 ||
+    die "'$PYTHON' cannot import torch and numpy, which the conversion needs: run 'make venv' (the script then uses .venv/bin/python) or set PYTHON to an interpreter that has them"
 OUTDIR="${OUTDIR:-.}"
 OUT="${OUT:-$OUTDIR/resnet34-backbone.npz}"
 URL="${BACKBONE_URL:-$OFFICIAL_URL}"

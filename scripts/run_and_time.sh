@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# One timed training run: one process per GPU, then a RESULT line.
+# Timed training runs: one process per GPU, then a RESULT line per run.
 #
-# Runs inside the container (run_with_docker.sh, run.sub) or directly on a host:
+# Runs inside the container (run_with_docker.sh, run.sub: one run each time, named by
+# RUN_NAME) or directly on a host, where it runs NEXP trials one after the other:
 #
 #   set -a; . configs/config_CPU.sh; set +a; scripts/run_and_time.sh [TRAINER FLAGS...]
+#   set -a; NEXP=5; . configs/config_CPU.sh; set +a; scripts/run_and_time.sh    # 5 trials
+#
+# Trials (when RUN_NAME is not set): trial i = 1..NEXP writes LOGDIR/${DATESTAMP}_${i}.log
+# (MLPerf log), LOGDIR/${DATESTAMP}_${i}.out (console) and LOGDIR/${DATESTAMP}_${i}/, as
+# run_with_docker.sh does. Each trial draws its own seed unless the flags fix one (SEED=N
+# for config_CPU.sh). The exit status is 0 when every trial succeeded, else that of the
+# last failed one.
 #
 # Launch mode, first match wins:
 #   SLURM   SLURM_PROCID is set and SLURM_NTASKS > 1: srun already started one task per
@@ -20,8 +28,10 @@
 #   DATADIR      dataset folder: DATADIR/coco2017 if it exists, else DATADIR itself
 #                (default: <repo>/data; the container gets /data)
 #   LOGDIR       where the MLPerf log and the run's outputs go (default: <repo>/output/results)
-#   RUN_NAME     file name stem of this run (default: a time stamp): writes
-#                LOGDIR/RUN_NAME.log (MLPerf log) and LOGDIR/RUN_NAME/ (config, metrics, checkpoint)
+#   RUN_NAME     file name stem of one run: writes LOGDIR/RUN_NAME.log (MLPerf log) and
+#                LOGDIR/RUN_NAME/ (config, metrics, checkpoint); unset: NEXP trials as above
+#   NEXP         trials when RUN_NAME is unset (default 1)
+#   DATESTAMP    stem of the trials' names (default: the start time, yymmddHHMMSS)
 #   BACKBONE     ImageNet ResNet-34 file for --pretrained-backbone; default: the first of
 #                BACKBONE_DIR/resnet34-backbone.npz, DATADIR/resnet34-backbone.npz that exists;
 #                BACKBONE=none passes nothing
@@ -34,16 +44,49 @@
 # as 1; an aborted run is still told apart (3) through the run's result.json.
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+    exit 0
+fi
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 die() { printf 'run_and_time.sh: error: %s\n' "$*" >&2; exit 2; }
+
+# Trials on a host: run this script once per trial, named as run_with_docker.sh names them.
+if [[ -z "${RUN_NAME:-}" ]]; then
+    NEXP="${NEXP:-1}"
+    [[ "${NEXP}" =~ ^[1-9][0-9]*$ ]] || die "NEXP must be a positive integer, not '${NEXP}'"
+    DATESTAMP="${DATESTAMP:-$(date +%y%m%d%H%M%S)}"
+    [[ "${DATESTAMP}" =~ ^[A-Za-z0-9._-]+$ ]] || die "DATESTAMP may hold only letters, digits, '.', '_', '-'"
+    LOGDIR="${LOGDIR:-${REPO_ROOT}/output/results}"
+    mkdir -p "${LOGDIR}"
+    failed=()
+    last_failure=0
+    for ((trial = 1; trial <= NEXP; trial++)); do
+        run_name="${DATESTAMP}_${trial}"
+        echo "=== trial ${trial}/${NEXP}: ${LOGDIR}/${run_name}.log (console: ${run_name}.out)"
+        set +e
+        RUN_NAME="${run_name}" LOGDIR="${LOGDIR}" "${BASH_SOURCE[0]}" "$@" 2>&1 | tee "${LOGDIR}/${run_name}.out"
+        status=${PIPESTATUS[0]}
+        set -e
+        if [[ "${status}" -ne 0 ]]; then failed+=("${trial}"); last_failure=${status}; fi
+    done
+    if [[ ${#failed[@]} -gt 0 ]]; then
+        printf 'run_and_time.sh: %d of %d trial(s) failed: %s\n' "${#failed[@]}" "${NEXP}" "${failed[*]}" >&2
+        exit "${last_failure}"
+    fi
+    if [[ "${NEXP}" -gt 1 ]]; then
+        echo "all ${NEXP} trials done; MLPerf logs: ${LOGDIR}/${DATESTAMP}_<1..${NEXP}>.log"
+    fi
+    exit 0
+fi
 
 DGXNGPU="${DGXNGPU:-1}"
 DGXNNODES="${DGXNNODES:-1}"
 EXTRA_PARAMS="${EXTRA_PARAMS:-}"
 DATADIR="${DATADIR:-${REPO_ROOT}/data}"
 LOGDIR="${LOGDIR:-${REPO_ROOT}/output/results}"
-RUN_NAME="${RUN_NAME:-$(date +%y%m%d%H%M%S)}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "${REPO_ROOT}/.venv/bin/python" ]]; then PYTHON="${REPO_ROOT}/.venv/bin/python"; else PYTHON=python3; fi
 fi

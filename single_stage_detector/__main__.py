@@ -1,10 +1,22 @@
-"""Command line: ``python -m single_stage_detector {train,demo,evaluate,benchmark,make-synthetic-dataset}``."""
+"""Command line: ``python -m single_stage_detector COMMAND [FLAGS]``; ``COMMAND -h`` for its flags.
+
+Starting it imports no torch, DALI or matplotlib: each command imports what it needs when it
+runs, so ``--help`` and the log tools answer at once.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .config import SYNTHETIC_DEFAULTS, ConfigError, add_arguments, config_from_args
+from .config import SYNTHETIC_DEFAULTS, ConfigError, HelpFormatter, add_arguments, config_from_args, \
+    default_num_workers
+
+DESCRIPTION = (
+    "MLPerf-style time-to-train benchmark of single-stage detectors (SSD300-ResNet34 on COCO; "
+    "ssd_tiny on an embedded synthetic dataset for CPUs). Exit status: 0 success, 1 a check failed, "
+    "2 bad input (one line naming the flag or file), 3 training aborted at the epoch limit, "
+    "4 non-finite loss.")
 
 # The CPU demo: the small preset on the embedded synthetic dataset (division open).
 DEMO_DEFAULTS = {
@@ -21,7 +33,7 @@ DEMO_DEFAULTS = {
     "epochs": 12,
     "eval_every": 1,
     "eval_start": 2,
-    "num_workers": 2,
+    "num_workers": default_num_workers(2),
     "log_every": 20,
     "seed": 1,
 }
@@ -62,10 +74,47 @@ def _print_summary(result) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _preflight(cfg) -> None:
+    """The user errors that would otherwise surface as exceptions deep in the set-up: unknown
+    preset, unusable device, a backbone file for a preset without ImageNet weights."""
+    from .config import check_device
+    from .models import PRESETS
+
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {cfg.preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    check_device(cfg.device)
+    if cfg.pretrained_backbone is not None and not PRESETS[cfg.preset].is_benchmark:
+        raise ConfigError(f"--pretrained-backbone: preset {cfg.preset!r} has no ImageNet backbone; "
+                          f"leave the flag out (it is for ssd300_resnet34)")
+    if cfg.init_checkpoint is not None:
+        from .tools.cli import load_checkpoint_arg
+
+        try:
+            load_checkpoint_arg(cfg.init_checkpoint)
+        except ConfigError as e:
+            raise ConfigError(f"--init-checkpoint: {e}") from None
+
+
+def _warmup_hint(cfg) -> None:
+    """Say so when the warm-up alone is longer than the whole run could be (short trials)."""
+    # The training set's size is known before reading it only when capped or generated here.
+    sizes = [n for n in (cfg.max_train_images, cfg.synthetic_train_images if cfg.synthetic else None) if n]
+    if not cfg.warmup_steps or not sizes or os.environ.get("RANK", "0") != "0":
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = cfg.epochs * max(1, min(sizes) // max(1, cfg.global_batch_size(world)))
+    if cfg.warmup_steps >= steps:
+        print(f"note: --warmup-steps {cfg.warmup_steps} is at least the whole run (about {steps} steps of "
+              f"{cfg.epochs} epoch(s)): the LR never leaves the warm-up; lower --warmup-steps for short runs",
+              flush=True)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import run_training
 
     cfg = config_from_args(args)
+    _preflight(cfg)
+    _warmup_hint(cfg)
     result = run_training(cfg)
     if result.rank == 0:
         _print_summary(result)
@@ -74,45 +123,120 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from .data.synthetic import ensure_synthetic_coco
+    from .tools.cli import require_positive
 
-    summary = ensure_synthetic_coco(args.root, num_train=args.train_images, num_val=args.val_images, seed=args.seed)
-    print(summary)
+    require_positive(args, "--train-images", "--val-images")
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+        raise ConfigError(f"{args.root} is a file, not a folder")
+    s = ensure_synthetic_coco(args.root, num_train=args.train_images, num_val=args.val_images, seed=args.seed)
+    verb = f"generated in {s['seconds']:.1f} s" if s["generated"] else "already there (same parameters), kept"
+    print(f"synthetic dataset {s['root']}: {verb}\n"
+          f"  train2017  {s['train_images']} images ({s['train_images_empty']} without objects), "
+          f"{s['train_annotations']} boxes\n"
+          f"  val2017    {s['val_images']} images, {s['val_annotations']} boxes\n"
+          f"  classes    {', '.join(s['classes'].values())}")
     return 0
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import run_benchmark
+    from .config import check_device
+    from .models import PRESETS
+    from .tools.cli import require_positive
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {args.preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    check_device(args.device)
+    if args.amp not in ("auto", "off", "bf16", "fp16"):
+        raise ConfigError(f"--amp: expected auto | off | bf16 | fp16, got {args.amp!r}")
+    if args.max_samples not in (1, 50):
+        raise ConfigError(f"--max-samples: MLPerf allows 1 or 50, got {args.max_samples}")
+    require_positive(args, "--batch-size", "--iters")
+    require_positive(args, "--warmup", "--num-workers", minimum=0)
 
     run_benchmark(args)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m single_stage_detector", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _OneLineErrors:
+    """argparse's usage errors (unknown flag, a value of the wrong type) as one line naming the
+    flag and the command's -h, exit status 2, instead of the whole usage text."""
 
-    p = sub.add_parser("train", help="train to the target quality and write an MLPerf log",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+class _Parser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+class _CommandListFormatter(argparse.HelpFormatter):
+    """Wide enough that every command and its summary share one line, the longest name included."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32, width=100)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # The command names are indented one level deeper when printed than when measured.
+        self._action_max_length = max(self._action_max_length, 30)
+
+
+class _LazyParser(_OneLineErrors, argparse.ArgumentParser):
+    """A subcommand parser whose flags are added when that subcommand is parsed, so that a
+    module with heavy imports (the benchmark: torch) is loaded only for its own command."""
+
+    def __init__(self, *args, populate=None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _fill(self) -> None:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._fill()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._fill()
+        return super().format_help()
+
+
+def _benchmark_arguments(p: argparse.ArgumentParser) -> None:
+    from .benchmark import add_benchmark_arguments
+
+    add_benchmark_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m single_stage_detector", description=DESCRIPTION,
+                     formatter_class=_CommandListFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                                parser_class=_LazyParser)
+
+    p = sub.add_parser("train", help="train to the target quality; writes an MLPerf log")
     add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="CPU demo: small SSD on the embedded synthetic dataset (same flags as train)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("demo", help="the CPU demo: ssd_tiny on the synthetic dataset (train's flags)")
     add_arguments(p, DEMO_DEFAULTS)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("make-synthetic-dataset", help="write the embedded synthetic dataset in COCO layout")
+    p = sub.add_parser("make-synthetic-dataset", help="write the synthetic dataset in the COCO layout",
+                       description="Write the synthetic detection dataset (shapes of 8 COCO classes) in the "
+                                   "COCO 2017 layout; a folder already holding it with the same parameters is "
+                                   "kept as it is.")
     p.add_argument("root", help="output folder (gets train2017/, val2017/, annotations/)")
-    p.add_argument("--train-images", type=int, default=SYNTHETIC_DEFAULTS.num_train)
-    p.add_argument("--val-images", type=int, default=SYNTHETIC_DEFAULTS.num_val)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=SYNTHETIC_DEFAULTS.num_train, help="training images")
+    p.add_argument("--val-images", type=int, default=SYNTHETIC_DEFAULTS.num_val, help="validation images")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed and counts: identical files)")
     p.set_defaults(func=_cmd_make_synthetic)
 
-    from .benchmark import add_benchmark_arguments
-
-    p = sub.add_parser("benchmark", help="images/s of training steps, evaluation and the data pipeline",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_benchmark_arguments(p)
+    p = sub.add_parser("benchmark", help="images/s of the train step, inference and input pipelines",
+                       populate=_benchmark_arguments)
     p.set_defaults(func=_cmd_benchmark)
 
     from .tools.cli import register as register_tools
@@ -121,26 +245,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error_types() -> tuple[type, ...]:
+    """Exception types that mean bad input (exit status 2, one line). Their modules are looked up
+    only if already imported: an exception of a module never loaded cannot have been raised."""
+    types_ = [ConfigError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+              PermissionError]
+    for module, name in (("single_stage_detector.data.coco", "DatasetError"),
+                         ("single_stage_detector.models.backbone_weights", "BackboneWeightsError"),
+                         ("single_stage_detector.distributed", "DeviceUnavailableError")):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            types_.append(getattr(mod, name))
+    return tuple(types_)
+
+
+def _error_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and not isinstance(e, ConfigError):
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .data.coco import DatasetError
-    from .distributed import DeviceUnavailableError
-    from .losses import NonFiniteLossError
-    from .models.backbone_weights import BackboneWeightsError
-
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, BackboneWeightsError, DeviceUnavailableError) as e:
-        # Bad input: one clear line naming the file or flag, no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: training stopped: {e}", file=sys.stderr)
-        return 4
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if isinstance(e, _user_error_types()):
+            # Bad input: one clear line naming the file or flag, no traceback.
+            print(f"error: {_error_line(e)}", file=sys.stderr)
+            return 2
+        losses = sys.modules.get("single_stage_detector.losses")
+        if losses is not None and isinstance(e, losses.NonFiniteLossError):
+            print(f"error: training stopped: {e}", file=sys.stderr)
+            return 4
+        raise
 
 
 if __name__ == "__main__":

@@ -42,9 +42,10 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
                         "(batches 32, 8 and 8 unless --batch-size is given)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", default="auto", help="auto | off | bf16 | fp16")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: on for CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the detector (train part)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the training step as one CUDA graph (CUDA only; eager fallback on other shapes)")
@@ -61,8 +62,9 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
                         "re-encoded as 640-pixel COCO-like JPEGs with COCO-like boxes (needs scikit-image)")
     p.add_argument("--color-jitter", default="fused", choices=["fused", "torchvision"],
                    help="colour jitter of the torch data pipeline (as train --color-jitter)")
-    p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--max-samples", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="data part: DataLoader workers / DALI threads")
+    p.add_argument("--max-samples", type=int, default=1, help="data part: SSD random-crop tries (1 or 50)")
     p.add_argument("--data-backends", nargs="+", default=["torch", "dali"], choices=["torch", "dali"],
                    help="input pipelines timed by the data part (dali is skipped with a note when not installed)")
 

@@ -49,8 +49,10 @@ def check_log(log_file: str | os.PathLike, ruleset: str = "1.0.0", usage: str = 
 import json as _json
 from pathlib import Path as _Path
 
-__all__ += ["LogRecord", "read_log", "find_logs", "require_logs", "default_ruleset", "RCP_VERSION", "CheckerRun",
-            "check_rcp", "check_package", "NUM_REFERENCE_WEIGHTS"]
+__all__ += ["LogRecord", "read_log", "is_mlperf_log", "find_logs", "require_logs", "default_ruleset", "run_folder", "RCP_VERSION",
+            "CheckerRun",
+            "check_rcp", "check_package", "NUM_REFERENCE_WEIGHTS", "crash_line", "SummarizerRun",
+            "run_result_summarizer"]
 
 _TOKEN = ":::MLLOG"
 # The 1.1.0 closed rules want exactly the tensors of the MXNet reference model (SPEC.md section 8).
@@ -82,12 +84,19 @@ def read_log(log_file: str | os.PathLike) -> list[LogRecord]:
                 continue
             if not isinstance(obj, dict) or "key" not in obj:
                 continue
-            records.append(LogRecord(key=obj["key"], value=obj.get("value"), time_ms=float(obj.get("time_ms", 0)),
-                                     event_type=obj.get("event_type", ""), metadata=obj.get("metadata") or {}))
+            try:
+                time_ms = float(obj.get("time_ms", 0))
+            except (TypeError, ValueError):
+                continue  # a damaged record: the official checker reports it, the tools skip it
+            metadata = obj.get("metadata")
+            records.append(LogRecord(key=obj["key"], value=obj.get("value"), time_ms=time_ms,
+                                     event_type=obj.get("event_type", ""),
+                                     metadata=metadata if isinstance(metadata, dict) else {}))
     return records
 
 
-def _is_mlperf_log(path: _Path) -> bool:
+def is_mlperf_log(path: str | os.PathLike) -> bool:
+    """True when the file holds an ":::MLLOG" line in its first 64 KiB."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             head = fh.read(1 << 16)
@@ -113,14 +122,22 @@ def require_logs(paths) -> list[_Path]:
 
 def find_logs(paths) -> list[_Path]:
     """MLPerf logs named by ``paths`` (files, or folders searched recursively for ``*.log`` /
-    ``result_*.txt`` files holding ``:::MLLOG`` lines), sorted, without duplicates."""
+    ``result_*.txt`` files holding ``:::MLLOG`` lines), sorted, without duplicates.
+
+    A run folder of the launchers (``LOGDIR/RUN/``, whose log is ``LOGDIR/RUN.log`` beside it)
+    stands for that log. Raises FileNotFoundError for a path that does not exist.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: list[_Path] = []
     for p in map(_Path, paths):
         if p.is_dir():
             cands = sorted(set(p.rglob("*.log")) | set(p.rglob("result_*.txt")))
-            found.extend(c for c in cands if c.is_file() and _is_mlperf_log(c))
+            logs = [c for c in cands if c.is_file() and is_mlperf_log(c)]
+            beside = p.parent / f"{p.name}.log"
+            if not logs and beside.is_file() and is_mlperf_log(beside):
+                logs = [beside]
+            found.extend(logs)
         elif p.is_file():
             found.append(p)
         else:
@@ -133,6 +150,17 @@ def find_logs(paths) -> list[_Path]:
             seen.add(r)
             out.append(f)
     return out
+
+
+def run_folder(log_file: str | os.PathLike) -> _Path:
+    """The folder holding a run's config.json, metrics.jsonl, result.json and checkpoint.pt:
+    the log's own folder for ``train``'s ``OUTPUT/mlperf.log``, ``LOGDIR/RUN/`` for the
+    launchers' ``LOGDIR/RUN.log``."""
+    log = _Path(log_file)
+    beside = log.with_suffix("")
+    if log.name != "mlperf.log" and beside.is_dir():
+        return beside
+    return log.parent
 
 
 def default_ruleset(log_file: str | os.PathLike) -> str:
@@ -183,11 +211,16 @@ PACKAGE_SUCCESS = "PACKAGE CHECKER FOUND NO ERRORS, SUCCESS !"
 
 
 def check_package(org_folder: str | os.PathLike, ruleset: str, usage: str = "training",
-                  extra_args: tuple[str, ...] = ()) -> CheckerRun:
-    """Run the official package checker (``mlperf_logging.package_checker``) on an org folder."""
+                  extra_args: tuple[str, ...] = (), log_output: str | os.PathLike | None = None) -> CheckerRun:
+    """Run the official package checker (``mlperf_logging.package_checker``) on an org folder.
+
+    ``log_output``: where the checker writes its detailed log (default: a temporary file,
+    deleted afterwards, so its output's pointer to it is then stale).
+    """
     with tempfile.TemporaryDirectory() as tmp:
+        log_path = os.path.abspath(log_output) if log_output else os.path.join(tmp, "package_checker.log")
         proc = _run_module(["mlperf_logging.package_checker", os.fspath(os.path.abspath(org_folder)), usage, ruleset,
-                            "--log_output", os.path.join(tmp, "package_checker.log"), *extra_args], cwd=tmp)
+                            "--log_output", log_path, *extra_args], cwd=tmp)
     output = proc.stdout + proc.stderr
     ok = proc.returncode == 0 and PACKAGE_SUCCESS in output
     lines = [ln.strip() for ln in output.splitlines()]
@@ -198,3 +231,49 @@ def check_package(org_folder: str | os.PathLike, ruleset: str, usage: str = "tra
         message = "; ".join(errors) if errors else (next((ln for ln in reversed(lines) if ln), "")
                                                      or f"package_checker exited with status {proc.returncode}")
     return CheckerRun(ok=ok, message=message, output=output, returncode=proc.returncode)
+
+
+def crash_line(output: str) -> str | None:
+    """The exception line ending a Python traceback in ``output`` ("ValueError: ..."), or None
+    when the output holds no traceback."""
+    if "Traceback (most recent call last)" not in output:
+        return None
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    return next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b", ln)),
+                lines[-1] if lines else "")
+
+
+@dataclass
+class SummarizerRun:
+    """What the official result summarizer made of an org folder."""
+    ok: bool
+    minutes: float | None  # its "ssd:time_to_train" (the olympic score), None if it gave none
+    message: str  # its verdict in one line: the score, or the exception it ended on
+    output: str
+
+
+def run_result_summarizer(org_folder: str | os.PathLike, ruleset: str, usage: str = "training",
+                          benchmark: str = "ssd") -> SummarizerRun:
+    """Run ``python -m mlperf_logging.result_summarizer ORG usage ruleset`` as a submitter would (in a
+    temporary working folder: it writes summary files there) and read its score for ``benchmark``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = _run_module(["mlperf_logging.result_summarizer", os.fspath(os.path.abspath(org_folder)), usage,
+                            ruleset], cwd=tmp)
+        summary = os.path.join(tmp, "summary.json")
+        rows = []
+        if os.path.isfile(summary):
+            try:
+                with open(summary, encoding="utf-8") as fh:
+                    rows = _json.load(fh)
+            except ValueError:
+                rows = []
+    output = proc.stdout + proc.stderr
+    crashed = crash_line(output)
+    if crashed is not None or proc.returncode != 0:
+        return SummarizerRun(False, None, f"crashed: {crashed}" if crashed else
+                             f"exited with status {proc.returncode}", output)
+    values = [r.get(f"{benchmark}:time_to_train", r.get(benchmark)) for r in rows if isinstance(r, dict)]
+    values = [float(v) for v in values if isinstance(v, (int, float))]
+    if not values:
+        return SummarizerRun(False, None, f"no {benchmark} score in its summary", output)
+    return SummarizerRun(True, values[0], f"{benchmark} time_to_train {values[0]:.4f} minutes", output)

@@ -13,13 +13,61 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .data.synthetic import DEFAULT_PARAMS as SYNTHETIC_DEFAULTS
+from .data.synthetic_params import DEFAULT_PARAMS as SYNTHETIC_DEFAULTS
+from .data.synthetic_params import is_synthetic_dataset
 
-__all__ = ["ConfigError", "TrainConfig", "add_arguments", "config_from_args"]
+__all__ = ["ConfigError", "TrainConfig", "HelpFormatter", "add_arguments", "config_from_args", "check_device",
+           "default_num_workers"]
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the flag (or environment variable)."""
+
+
+def default_num_workers(limit: int = 4) -> int:
+    """Data-loader workers by default: the CPU cores this process may use, at most ``limit``.
+
+    More workers than cores only adds context switches (and a DataLoader warning).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(limit, cores))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every flag whose help does not already state its default.
+
+    A default of None shows as "none" (the flag is off unless given).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+def check_device(value: str, flag: str = "--device") -> None:
+    """Raise :class:`ConfigError` naming ``flag`` unless ``value`` is auto, cpu, cuda or cuda:N
+    and, for CUDA, a GPU is there (imports torch)."""
+    import re
+
+    if value == "auto":
+        return
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"{flag}: expected auto | cpu | cuda | cuda:N, got {value!r}")
+    if value.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {value}: CUDA is not available on this machine (use --device cpu or auto)")
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {value}: only {torch.cuda.device_count()} GPU(s) visible")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -54,7 +102,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches accumulated per optimiser step")
     bn_span: Optional[int] = _f(None, "images over which batch norm statistics are taken (default: --batch-size)")
     base_lr: float = _f(2.5e-3, "learning rate per 32 images; LR = base_lr * global_batch / 32")
-    lr: Optional[float] = _f(None, "learning rate for the whole global batch (overrides --base-lr)")
+    lr: Optional[float] = _f(None, "learning rate for the whole global batch (default: --base-lr scaled to the global batch)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "SGD weight decay")
     warmup_steps: int = _f(300, "linear warm-up iterations")
@@ -86,7 +134,8 @@ class TrainConfig:
     eval_amp: str = _f("auto", "evaluation precision: auto (= off: fp32, see docs/ACCURACY.md) | off | bf16 | fp16")
     channels_last: Optional[bool] = _f(None, "NHWC memory format (default: on for CUDA)")
     compile: bool = _f(False, "torch.compile the model")
-    num_workers: int = _f(4, "data-loader worker processes per training process")
+    num_workers: int = _f(default_num_workers(), "data-loader worker processes per training process "
+                          "(default: %(default)s, the CPU cores available up to 4)")
     data_backend: str = _f("auto", "input pipeline: torch (DataLoader) | dali (NVIDIA DALI; CPU-only without a GPU) "
                            "| auto (dali when it is installed and the run is on a GPU, else torch)")
     log_every: int = _f(20, "print progress every N iterations")
@@ -95,7 +144,8 @@ class TrainConfig:
     eval_only: bool = _f(False, "no training: evaluate the (initial) model once and stop (not a benchmark log)")
 
     # -- MLPerf submission fields (environment: MLPERF_SUBMISSION_*) ---------------------
-    division: str = _f("auto", "closed | open | auto (closed for the benchmark preset on real COCO)")
+    division: str = _f("auto", "closed | open | auto (closed for the benchmark preset on real COCO, open for "
+                               "the small presets and the synthetic dataset)")
     submission_org: str = _f(os.environ.get("MLPERF_SUBMISSION_ORG", "single_stage_detector"), "submitting org")
     submission_platform: Optional[str] = _f(
         os.environ.get("MLPERF_SUBMISSION_PLATFORM"), "system name (default: N x device name)")
@@ -132,7 +182,10 @@ class TrainConfig:
     def resolved_division(self, benchmark_preset: bool) -> str:
         if self.division != "auto":
             return self.division
-        return "closed" if (benchmark_preset and not self.synthetic) else "open"
+        # Closed results are about the benchmark on COCO: the synthetic data (generated now or
+        # earlier, recognised by its marker file) makes any run open.
+        real_coco = not self.synthetic and not is_synthetic_dataset(self.data_dir)
+        return "closed" if (benchmark_preset and real_coco) else "open"
 
     # -- rules ---------------------------------------------------------------------------
     def validate(self, *, closed: bool = False) -> None:

@@ -68,6 +68,30 @@ def test_division_auto():
     assert TrainConfig(data_dir="/d", division="closed").resolved_division(False) == "closed"
 
 
+def test_division_auto_is_open_on_a_synthetic_folder_without_the_flag(tmp_path):
+    """The benchmark preset on a synthetic dataset generated earlier (no --synthetic now) is open,
+    as the README says: closed means real COCO; also for the init_datasets.sh layout."""
+    from single_stage_detector.data.synthetic_params import MARKER_FILE
+
+    (tmp_path / "synthetic").mkdir()
+    (tmp_path / "synthetic" / MARKER_FILE).write_text("{}")
+    assert TrainConfig(data_dir=str(tmp_path / "synthetic")).resolved_division(True) == "open"
+    (tmp_path / "root" / "coco2017").mkdir(parents=True)
+    (tmp_path / "root" / "coco2017" / MARKER_FILE).write_text("{}")
+    assert TrainConfig(data_dir=str(tmp_path / "root")).resolved_division(True) == "open"
+    assert TrainConfig(data_dir=str(tmp_path)).resolved_division(True) == "closed"
+
+
+def test_default_workers_fit_the_machine():
+    import os
+
+    from single_stage_detector.config import default_num_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert TrainConfig().num_workers == min(4, cores)
+    assert default_num_workers(2) == min(2, cores)
+
+
 def test_lr_schedule_warmup_and_decay():
     s = LRSchedule(base_lr=1.0, warmup_steps=10, warmup_factor=0.0, decay_epochs=(2, 3), decay_factor=0.1,
                    steps_per_epoch=20)

@@ -135,7 +135,8 @@ def fake_docker(tmp_path):
     docker.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DGX", "SLURM_", "MLPERF_", "CONT", "BACKBONE", "NEXP", "CLEAR_CACHES"))}
-    env.pop("EXTRA_PARAMS", None)
+    for name in ("EXTRA_PARAMS", "DATADIR", "LOGDIR", "NEXP", "SEED", "RUN_NAME", "DATESTAMP"):
+        env.pop(name, None)
     env.update(PATH=f"{bin_dir}{os.pathsep}{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                FAKE_DOCKER_STATE=str(state), FAKE_DOCKER_IMAGE_ROOT=str(REPO))
     return env, state
@@ -166,7 +167,8 @@ def run_with_docker(env, *args, timeout=300):
 
 def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DGX", "SLURM_", "MLPERF_"))}
-    env.pop("EXTRA_PARAMS", None)
+    for name in ("EXTRA_PARAMS", "DATADIR", "LOGDIR", "NEXP", "SEED", "RUN_NAME", "DATESTAMP"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
@@ -269,9 +271,12 @@ def test_cpu_config_mirrors_the_demo():
     cfg = _trainer_config(v)
     assert v["DGXNGPU"] == "1" and v["DGXNNODES"] == "1"
     assert cfg.device == "cpu" and cfg.synthetic and cfg.num_workers == DEMO_DEFAULTS["num_workers"]
+    assert cfg.seed is None  # each trial draws its own seed; SEED fixes one
+    assert _trainer_config(source_config(REPO / "configs" / "config_CPU.sh", SEED="1")).seed == 1
+    assert v["DATADIR"] == str(REPO / "data" / "synthetic")  # the demo's folder: one generated copy
     for key, expected in DEMO_DEFAULTS.items():
-        if key in ("data_dir", "output_dir"):
-            continue  # given by run_and_time.sh (DATADIR, LOGDIR)
+        if key in ("data_dir", "output_dir", "seed"):
+            continue  # given by run_and_time.sh (DATADIR, LOGDIR), or drawn per trial
         got = getattr(cfg, key)
         assert (tuple(got) if isinstance(got, (list, tuple)) else got) == expected, key
 

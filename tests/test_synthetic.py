@@ -100,3 +100,15 @@ def test_train_loader_on_synthetic_data_is_reproducible(tmp_path: Path):
     val = CocoDetection.from_dir(tmp_path, "val", transform=SSDEvalTransform(64))
     ids = [i for batch in build_eval_loader(val, 2, num_workers=0) for i in batch.image_ids.tolist()]
     assert ids == val.image_ids
+
+
+def test_make_synthetic_dataset_command_prints_a_summary(tmp_path, capsys):
+    from single_stage_detector.__main__ import main
+
+    root = tmp_path / "syn"
+    assert main(["make-synthetic-dataset", str(root), "--train-images", "4", "--val-images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"synthetic dataset {root}: generated in ") and "{" not in out
+    assert "  train2017  4 images" in out and "  val2017    2 images" in out
+    assert main(["make-synthetic-dataset", str(root), "--train-images", "4", "--val-images", "2"]) == 0
+    assert "already there (same parameters), kept" in capsys.readouterr().out

@@ -157,8 +157,19 @@ def test_score_table_json_and_rcp(five_runs, capsys):
     expected = sum(sorted(minutes)[1:-1]) / 3  # olympic: drop fastest and slowest
     assert main(["score", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert f"MLPerf score: {expected:.4f} minutes" in out
+    assert f"MLPerf score: {expected:.4f} minutes (olympic mean of 5 runs: 3 counted, 2 dropped)" in out
     assert "RCP check (rcp_checker --rcp_version 1.1.0, global batch size 8)" in out
+    # Each run with its part in the score: extra seconds 30, 10, 50, 20, 45 -> run1 fastest, run2 slowest.
+    marks = {ln.split()[0]: ln.split("  ")[-1].strip() for ln in out.splitlines() if ln.startswith("run")
+             and ".log" in ln.split()[0]}
+    assert marks == {"run0.log": "counted", "run1.log": "dropped: fastest", "run2.log": "dropped: slowest",
+                     "run3.log": "counted", "run4.log": "counted"}
+    counted = sorted(minutes)[1:-1]
+    mean = sum(counted) / 3
+    std = (sum((m - mean) ** 2 for m in counted) / 2) ** 0.5
+    assert (f"spread of the counted runs: {min(counted):.4f} .. {max(counted):.4f} minutes, "
+            f"standard deviation {std:.4f} minutes") in out
+    assert "warning: the runs differ" not in out and "share a seed" not in out
     assert main(["score", "--json", str(folder)]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["score_minutes"] == pytest.approx(expected, rel=1e-9)
@@ -168,6 +179,21 @@ def test_score_table_json_and_rcp(five_runs, capsys):
     # What the official checker says about batch 8 of a 2-epoch synthetic run (no RCP that small).
     assert rep["rcp"]["version"] == "1.1.0" and rep["rcp"]["passed"] is False
     assert "RCP test FAILED" in rep["rcp"]["message"]
+
+
+def test_score_warns_when_hyperparameters_differ(five_runs, tmp_path, capsys):
+    folder, _ = five_runs
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, p in enumerate(sorted(folder.glob("*.log"))):
+        def fn(r, i=i):
+            if r["key"] == "opt_base_learning_rate" and i == 4:
+                r = {**r, "value": r["value"] * 2}
+            return [r]
+        _edit(p, mixed / p.name, fn)
+    assert main(["score", "--no-rcp", str(mixed)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: the runs differ in opt_base_learning_rate (" in out and "in 4 run(s)" in out
 
 
 def test_olympic_score_non_converged_runs(tiny_run, five_runs):
@@ -188,12 +214,33 @@ def test_package_passes_official_checker(five_runs, tmp_path, capsys):
     folder, minutes = five_runs
     expected = sum(sorted(minutes)[1:-1]) / 3
     out_dir = tmp_path / "submission"
-    rc = main(["package", str(folder), "--output", str(out_dir), "--org", "acme", "--system", "tiny_cpu"])
+    # The shipped template: the official summarizer crashes on its FILL fields, and package says so.
+    rc = main(["package", str(folder), "--output", str(tmp_path / "template"), "--org", "acme"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert f"  INFO - {PACKAGE_SUCCESS}\npackage_checker: PASS" in out
+    assert "result_summarizer (" in out and "crashed: ValueError: invalid literal for int()" in out
+    assert "systems/1xCPU-" in out  # the system folder is the platform the logs name
+    assert not (tmp_path / "template" / "summary.json").exists() and not Path("summary.json").exists()
+
+    system = json.loads((REPO / "single_stage_detector" / "tools" / "system_template.json").read_text())
+    system = {k: ("1" if k.endswith(("per_node", "_count")) else "x") if str(v).startswith("FILL") else v
+              for k, v in system.items()}
+    system.update(division="open", submitter="acme", status="Available on-premise")
+    (tmp_path / "system.json").write_text(json.dumps(system))
+    rc = main(["package", str(folder), "--output", str(out_dir), "--org", "acme", "--system", "tiny_cpu",
+               "--system-json", str(tmp_path / "system.json")])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert f"package_checker (training 1.0.0): PASS: {PACKAGE_SUCCESS}" in out
-    assert f"score: {expected:.4f} minutes" in out
-    assert f"result_summarizer score: {expected:.4f} minutes" in out
+    lines = out.splitlines()
+    # Every line is the official tools' (quoted or named) or labelled as ours.
+    official = lines.index(next(ln for ln in lines if ln.startswith("official mlperf_logging.package_checker")))
+    assert lines[official + 1] == f"  INFO - {PACKAGE_SUCCESS}"
+    assert lines[official + 2].startswith("package_checker: PASS (exit status 0; its detailed log: ")
+    assert (out_dir / "package_checker.log").is_file()  # the pointer names a file that exists
+    assert lines[official + 3].endswith(f"result_summarizer ({out_dir / 'acme'} training 1.0.0): "
+                                        f"ssd time_to_train {expected:.4f} minutes")
+    assert f"ours: score {expected:.4f} minutes (olympic mean of 5 runs, 2 dropped" in out
     org = out_dir / "acme"
     desc = json.loads((org / "systems" / "tiny_cpu.json").read_text())
     assert desc["division"] == "open" and desc["submitter"] == "acme" and desc["system_name"] == "tiny_cpu"
@@ -244,6 +291,25 @@ def test_plots_of_one_run_and_an_overlay(tiny_run, five_runs, tmp_path, capsys):
     assert _png_size(several / "run" / "loss_map.png") == (1000, 400)
     assert _png_size(several / "run0" / "metrics_vs_time.png") == (1200, 800)
     assert "no metrics.jsonl" in printed
+
+
+def test_plot_reads_the_launchers_layout(tiny_run, tmp_path, capsys):
+    """run_and_time.sh writes LOGDIR/RUN.log and LOGDIR/RUN/metrics.jsonl: both the log and the
+    folder name the run, and the loss and LR panels get the metrics without --metrics."""
+    import shutil
+
+    from single_stage_detector.tools.plots import load_run
+
+    logs = tmp_path / "logs"
+    shutil.copytree(tiny_run, logs / "r1", ignore=shutil.ignore_patterns("mlperf.log", "plots"))
+    shutil.copyfile(tiny_run / "mlperf.log", logs / "r1.log")
+    run = load_run(logs / "r1.log")
+    assert run.metrics_file == logs / "r1" / "metrics.jsonl"
+    assert sum("loss" in r for r in run.train) >= 2 and sum("lr" in r for r in run.train) >= 2
+    assert main(["plot", str(logs / "r1")]) == 0
+    printed = capsys.readouterr().out
+    assert "no metrics.jsonl" not in printed and f"plots: {logs / 'r1' / 'plots'}" in printed
+    assert _png_size(logs / "r1" / "plots" / "loss_map.png") == (1000, 400)
 
 
 def test_show_detections_grid(tiny_run, tmp_path, capsys):

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .coco import COCO_CATEGORIES, LABEL_NAMES, DatasetError, coco_id_to_label
+from .synthetic_params import DEFAULT_PARAMS, MARKER_FILE, SyntheticParams
 
 __all__ = [
     "ShapeClass",
@@ -71,30 +72,12 @@ SYNTHETIC_CLASSES: tuple[ShapeClass, ...] = (
     ShapeClass(28, "semicircle", (115, 60, 200), 2.0),  # umbrella: purple dome
 )
 
-MARKER_FILE = ".synthetic_coco.json"
 _IN_PROGRESS_FILE = ".synthetic_coco.incomplete"
 _FORMAT_VERSION = 1
 _VAL_ID_OFFSET = 900_000  # val image ids 900001.. so train and val ids never collide
 _FILE_RE = re.compile(r"^\d{12}\.jpg$")
 
 
-@dataclass(frozen=True)
-class SyntheticParams:
-    """Everything that determines the generated files (recorded in the marker file)."""
-
-    num_train: int = 2000
-    num_val: int = 250
-    seed: int = 0
-    min_size: int = 120           # image side lengths ~ U[min_size, max_size], independently
-    max_size: int = 200
-    max_objects: int = 5          # objects per non-empty image ~ U{1..max_objects}
-    min_object_frac: float = 0.12  # object's longer side / image's shorter side
-    max_object_frac: float = 0.7
-    empty_fraction: float = 0.02  # training images without objects (at least one if > 0)
-    jpeg_quality: int = 90
-
-
-DEFAULT_PARAMS = SyntheticParams()
 
 
 # --------------------------------------------------------------------------------------

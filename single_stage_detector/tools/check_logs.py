@@ -5,7 +5,7 @@ import argparse
 import json
 import re
 
-from ..compliance import check_log, default_ruleset, require_logs
+from ..compliance import check_log, crash_line, default_ruleset, is_mlperf_log, require_logs
 
 RULESETS = ("0.7.0", "1.0.0", "1.1.0")  # the training rulesets under which "ssd" is SSD300-ResNet34
 
@@ -30,9 +30,18 @@ def checker_reasons(output: str) -> list[str]:
     return [r for r in reasons if not (r in seen or seen.add(r))]
 
 
+def crash_reason(output: str) -> str | None:
+    """When the checker itself crashed (a Python traceback rather than a verdict), one line
+    saying so with the exception it ended on; None otherwise."""
+    last = crash_line(output)
+    if last is None:
+        return None
+    return f"the official compliance checker crashed on this log ({last}); run it with --verbose for its output"
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "check-logs", help="run the official MLPerf compliance checker on MLPerf logs",
+        "check-logs", help="the official MLPerf compliance checker on logs, with reasons",
         description="Check each MLPerf log with mlperf_logging.compliance_checker and print pass/fail with the "
                     "checker's reasons. Exit status 1 if any log fails.")
     p.add_argument("logs", nargs="+", help="log files, or folders searched for *.log / result_*.txt logs")
@@ -49,8 +58,15 @@ def run(args: argparse.Namespace) -> int:
     report = []
     for log in logs:
         ruleset = args.ruleset or default_ruleset(log)
+        if not is_mlperf_log(log):
+            # Named explicitly but no MLPerf log at all: the checker's first complaint
+            # (a missing submission_org) would hide the real problem.
+            report.append({"log": str(log), "ruleset": ruleset, "ok": False, "output": "",
+                           "reasons": ["not an MLPerf log: no ':::MLLOG' lines in the file"]})
+            continue
         res = check_log(log, ruleset)
-        reasons = checker_reasons(res.output) if not res.ok else []
+        crashed = crash_reason(res.output) if not res.ok else None
+        reasons = [crashed] if crashed else (checker_reasons(res.output) if not res.ok else [])
         if not res.ok and not reasons:
             reasons = [ln.strip() for ln in res.output.splitlines() if ln.strip()][-3:]
         report.append({"log": str(log), "ruleset": ruleset, "ok": res.ok, "reasons": reasons, "output": res.output})

@@ -9,17 +9,19 @@ __all__ = ["add_parser", "evaluate_checkpoint", "run"]
 
 
 def add_parser(sub) -> None:
+    from ..config import default_num_workers
+
     p = sub.add_parser(
-        "evaluate", help="COCO AP of a checkpoint on the val split (all 12 COCO stats)",
+        "evaluate", help="COCO AP of a checkpoint on the val split (12 COCO stats)",
         description="Evaluate a checkpoint.pt of `train` with pycocotools on the val split of a COCO-layout "
                     "folder, with the benchmark's post-processing, and print the 12 COCO stats.")
     p.add_argument("checkpoint", help="checkpoint.pt written by train / demo")
     p.add_argument("--data-dir", default=None, help="COCO-layout folder (default: the checkpoint's data_dir)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=default_num_workers(), help="data-loader worker processes")
     p.add_argument("--max-images", type=int, default=None, help="only the first N val images")
     p.add_argument("--all-images", action="store_true", help="also val images without annotations")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="evaluation precision (as train's --eval-amp): auto (= off, fp32) | off | bf16 | fp16")
     p.add_argument("--clip-boxes", action="store_true",
@@ -67,9 +69,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import checkpoint_data_dir, load_checkpoint
+    from ..checkpoint import checkpoint_data_dir
+    from ..config import check_device
+    from .cli import load_checkpoint_arg, require_positive
 
-    ckpt = load_checkpoint(args.checkpoint)
+    require_positive(args, "--batch-size", "--max-images")
+    require_positive(args, "--num-workers", minimum=0)
+    check_device(args.device)
+    ckpt = load_checkpoint_arg(args.checkpoint)
     data_dir = checkpoint_data_dir(ckpt, args.checkpoint, args.data_dir)
     result = evaluate_checkpoint(ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
                                  max_images=args.max_images, all_images=args.all_images, device=args.device,

@@ -13,12 +13,11 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from .. import __version__
-from ..compliance import check_package, default_ruleset, read_log, require_logs
-from .score import olympic_score, summarize_run
+from ..compliance import check_package, default_ruleset, read_log, require_logs, run_result_summarizer
+from .score import drop_reasons, olympic_score, spread, summarize_run
 
 TEMPLATE = Path(__file__).with_name("system_template.json")
 BENCHMARK = "ssd"
@@ -40,8 +39,13 @@ def _first_value(log, key):
     return next((r.value for r in read_log(log) if r.key == key), None)
 
 
-def load_system_description(path: str | None, *, org: str, division: str, status: str, system: str | None) -> dict:
-    """The filled system description, or the shipped template with the fields the logs determine filled in."""
+def load_system_description(path: str | None, *, org: str, division: str, status: str, system: str | None,
+                            platform: str | None = None) -> dict:
+    """The filled system description, or the shipped template with the fields the logs determine filled in.
+
+    ``system_name``: ``system`` if given, else the description's own, else ``platform`` (the
+    logs' submission_platform), else "system".
+    """
     with open(path or TEMPLATE, encoding="utf-8") as fh:
         desc = json.load(fh)
     if path is None or str(desc.get("submitter", "")).startswith("FILL"):
@@ -51,7 +55,7 @@ def load_system_description(path: str | None, *, org: str, division: str, status
     if path is None or str(desc.get("status", "")).startswith("FILL"):
         desc["status"] = STATUS_WORDS.get(status, status)
     if system or str(desc.get("system_name", "")).startswith("FILL"):
-        desc["system_name"] = system or "system"
+        desc["system_name"] = system or platform or "system"
     return desc
 
 
@@ -94,7 +98,8 @@ def build_package(logs: list[Path], output: Path, *, org: str | None = None, sys
     org = org or _first_value(logs[0], "submission_org") or "org"
     division = _first_value(logs[0], "submission_division") or "open"
     status = _first_value(logs[0], "submission_status") or "onprem"
-    desc = load_system_description(system_json, org=org, division=division, status=status, system=system)
+    desc = load_system_description(system_json, org=org, division=division, status=status, system=system,
+                                   platform=_first_value(logs[0], "submission_platform"))
     system_name = _safe_name(desc["system_name"])
     org_dir = output / _safe_name(org)
     if org_dir.exists():
@@ -114,44 +119,22 @@ def build_package(logs: list[Path], output: Path, *, org: str | None = None, sys
             "log_division": division, "unfilled": unfilled}
 
 
-_SUMMARIZER = (
-    "import json, sys\n"
-    "from mlperf_logging.result_summarizer.result_summarizer import _compute_strong_score_standalone as score\n"
-    "folder, system, ruleset = sys.argv[1:4]\n"
-    "runs, _, total, _, scale = score('ssd', system, False, folder, 'training', ruleset, return_full_scores=True)\n"
-    "print('SCORE_JSON ' + json.dumps({'score': total, 'scaling_factor': scale, 'runs': runs}))\n"
-)
-
-
-def official_score(results: Path, ruleset: str, system: str) -> tuple[float | None, str]:
-    """The official result summarizer's olympic score of a results folder, in minutes.
-
-    Calls ``mlperf_logging.result_summarizer``'s strong-scaling scorer (what its ``compute_score``
-    entry point does; that entry point itself fails to unpack the scorer's result in
-    mlperf-logging 4.1.x). A subprocess, because the compliance checker it runs keeps global state.
-    """
-    proc = subprocess.run([sys.executable, "-c", _SUMMARIZER, str(results), system, ruleset],
-                          capture_output=True, text=True, check=False)
-    out = proc.stdout + proc.stderr
-    m = re.search(r"^SCORE_JSON (.*)$", proc.stdout, re.M)
-    if not m:
-        return None, out
-    value = json.loads(m.group(1))["score"]
-    return (float(value) if value is not None else None), out
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "package", help="lay out an MLPerf submission folder from logs and run the official package checker",
+        "package", help="MLPerf submission folder, official package checker and summarizer",
         description="Write OUTPUT/<org>/{systems/<system>.json, results/<system>/ssd/result_N.txt, "
-                    "benchmarks/ssd/implementations/<impl>/} and run mlperf_logging.package_checker on it.")
+                    "benchmarks/ssd/implementations/<impl>/}, run the official mlperf_logging.package_checker "
+                    "and result_summarizer on it and print their verdicts as they give them; lines starting "
+                    "with 'ours:' are this tool's own summary. Exit status 1 when an official tool fails, "
+                    "warns or crashes.")
     p.add_argument("logs", nargs="+", help="the run logs (5 for a submission): files or folders")
     p.add_argument("--output", default="output/submission", help="folder that gets <org>/")
     p.add_argument("--system-json", default=None,
                    help=f"filled-in system description (template: {TEMPLATE.relative_to(_REPO_ROOT)}); "
                         "default: the template, with submitter/division/status taken from the logs")
     p.add_argument("--org", default=None, help="organisation folder name (default: submission_org of the logs)")
-    p.add_argument("--system", default=None, help="system name (default: system_name of the system json)")
+    p.add_argument("--system", default=None,
+                   help="system name (default: the logs' submission_platform, else system_name of the system json)")
     p.add_argument("--impl", default="pytorch", help="implementation folder name")
     p.add_argument("--copy-implementation", action="store_true",
                    help="copy the source into the implementation folder (default: a README pointer)")
@@ -159,14 +142,34 @@ def add_parser(sub) -> None:
                    help="package checker ruleset (default: 1.1.0 for closed logs with the 119 "
                         "weights_initialization events, else 1.0.0)")
     p.add_argument("--no-check", action="store_true", help="only write the folder")
-    p.add_argument("--verbose", action="store_true", help="print the package checker's full output")
+    p.add_argument("--verbose", action="store_true", help="print the official tools' full output")
     p.set_defaults(func=run)
 
 
+def _official_lines(output: str) -> list[str]:
+    """The lines in which an official tool gives a verdict: its WARNING and ERROR lines and its
+    final SUCCESS line, verbatim."""
+    keep = []
+    for line in output.splitlines():
+        text = line.rstrip()
+        if text.startswith(("WARNING", "ERROR")) or "PACKAGE CHECKER FOUND" in text:
+            keep.append(text)
+    return keep
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+
     logs = require_logs(args.logs)
+    if args.system_json is not None and not Path(args.system_json).is_file():
+        raise ConfigError(f"--system-json: no such file: {args.system_json}")
+    if args.system_json is not None:
+        try:
+            json.loads(Path(args.system_json).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--system-json: {args.system_json} is not a JSON file ({e})") from None
     if len(logs) != 5:
-        print(f"warning: {len(logs)} logs; an SSD submission has exactly 5 (the package checker will say so)")
+        print(f"ours: {len(logs)} logs; an SSD submission has exactly 5 (the package checker will say so)")
     ruleset = args.ruleset or min(default_ruleset(f) for f in logs)
     info = build_package(logs, Path(args.output), org=args.org, system=args.system, system_json=args.system_json,
                          impl=args.impl, copy_implementation=args.copy_implementation)
@@ -178,23 +181,49 @@ def run(args: argparse.Namespace) -> int:
     print(f"  benchmarks/{BENCHMARK}/implementations/{_safe_name(args.impl)}/"
           f" ({'source copy' if args.copy_implementation else 'README pointer'})")
     if info["unfilled"]:
-        print(f"note: {len(info['unfilled'])} system fields still say FILL (e.g. {info['unfilled'][0]}); "
-              f"fill in {TEMPLATE.name} and pass it with --system-json")
+        print(f"ours: {len(info['unfilled'])} system fields still say FILL (e.g. {info['unfilled'][0]}); "
+              f"fill in {TEMPLATE.name} and pass it with --system-json (the result summarizer needs them)")
     if info["division"] != info["log_division"]:
-        print(f"warning: system division {info['division']!r} != log division {info['log_division']!r}")
+        print(f"ours: warning: system division {info['division']!r} != log division {info['log_division']!r}")
 
-    score = olympic_score([summarize_run(f) for f in logs])
+    runs = [summarize_run(f) for f in logs]
+    score = olympic_score(runs)
+    reasons = drop_reasons(runs, score)
+    for i, r in enumerate(runs):
+        if not r.converged:
+            print(f"ours: result_{i}.txt ({r.log}) did not converge (status {r.status})"
+                  + (f"; {reasons[r.log]}" if r.log in reasons else ""))
     if score.minutes is not None:
-        print(f"score: {score.minutes:.4f} minutes (olympic mean of {score.runs} runs)")
+        counted = [r.minutes for r in runs if r.log not in reasons and r.minutes is not None]
+        sp = spread(counted)
+        print(f"ours: score {score.minutes:.4f} minutes (olympic mean of {score.runs} runs, "
+              f"{len(score.dropped)} dropped"
+              + (f"; counted runs {sp['min']:.4f} .. {sp['max']:.4f} min, std {sp['std']:.4f}" if sp else "") + ")")
     else:
-        print(f"score: none ({score.note})")
-    official, _ = official_score(info["results"], ruleset, info["system"])
-    if official is not None:
-        print(f"result_summarizer score: {official:.4f} minutes")
+        print(f"ours: no score ({score.note})")
     if args.no_check:
         return 0
-    res = check_package(org_dir, ruleset)
-    if args.verbose or not res.ok:
+
+    failed = False
+    # The checker's detailed log goes next to the org folder (not inside: it would be checked).
+    checker_log = Path(args.output) / "package_checker.log"
+    res = check_package(org_dir, ruleset, log_output=checker_log)
+    official = _official_lines(res.output)
+    warnings = [ln for ln in official if ln.startswith("WARNING")]
+    if args.verbose:
         print(res.output.rstrip())
-    print(f"package_checker (training {ruleset}): {'PASS' if res.ok else 'FAIL'}: {res.message}")
-    return 0 if res.ok else 1
+    print(f"official mlperf_logging.package_checker ({org_dir} training {ruleset}), its verdict lines:")
+    for line in official or [f"(no verdict line; exit status {res.returncode})"]:
+        print(f"  {line}")
+    verdict = "PASS" if res.ok and not warnings else ("PASS with warnings" if res.ok else "FAIL")
+    failed |= verdict != "PASS"
+    print(f"package_checker: {verdict} (exit status {res.returncode}; its detailed log: {checker_log})")
+
+    summ = run_result_summarizer(org_dir, ruleset)
+    if args.verbose:
+        print(summ.output.rstrip())
+    print(f"official mlperf_logging.result_summarizer ({org_dir} training {ruleset}): {summ.message}")
+    failed |= not summ.ok
+    if summ.ok and score.minutes is not None and abs(summ.minutes - score.minutes) > 1e-6:
+        print(f"ours: warning: our score {score.minutes:.4f} differs from the summarizer's {summ.minutes:.4f}")
+    return 1 if failed else 0

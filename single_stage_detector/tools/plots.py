@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..compliance import read_log, require_logs
+from ..compliance import read_log, require_logs, run_folder
 
 DPI = 100
 SIZES = {"metrics_vs_time.png": (12, 8), "metrics_vs_epoch.png": (12, 8), "loss_map.png": (10, 4),
@@ -50,7 +50,7 @@ class RunCurves:
 
 
 def _target_from(log: Path, default: float) -> float:
-    cfg = log.parent / "config.json"
+    cfg = run_folder(log) / "config.json"
     try:
         return float(json.loads(cfg.read_text())["config"]["threshold"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -75,7 +75,7 @@ def load_run(log: Path, metrics: Path | None = None, target: float | None = None
         if r.key == "eval_accuracy" and isinstance(r.value, (int, float)):
             run.evals.append((sec(r.time_ms), float(r.metadata.get("epoch_num", math.nan)), float(r.value)))
     train_samples = next((r.value for r in records if r.key == "train_samples"), None)
-    metrics = metrics if metrics is not None else log.parent / "metrics.jsonl"
+    metrics = metrics if metrics is not None else run_folder(log) / "metrics.jsonl"
     if metrics.is_file():
         run.metrics_file = metrics
         for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -198,14 +198,16 @@ def plot_overlay(runs: list[RunCurves], out_dir: Path) -> Path:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "plot", help="PNG charts of loss, learning rate, images/s and eval mAP; overlay of several runs",
-        description="Charts from MLPerf logs (and metrics.jsonl next to each log, or --metrics). One log: "
+        "plot", help="PNG charts of loss, LR, images/s and eval mAP; overlay of runs",
+        description="Charts from MLPerf logs and the metrics.jsonl of each run (next to train's mlperf.log; "
+                    "in LOGDIR/RUN/ for the launchers' LOGDIR/RUN.log; or --metrics). One log: "
                     "metrics_vs_time.png, metrics_vs_epoch.png, loss_map.png. Several: the same per run "
                     "in OUTPUT/<run>/ plus overlay.png.")
     p.add_argument("logs", nargs="+", help="MLPerf log files, run output folders, or folders of logs")
-    p.add_argument("--metrics", default=None, help="metrics.jsonl of a single log (default: next to the log)")
+    p.add_argument("--metrics", default=None, help="metrics.jsonl of a single log (default: the run's own)")
     p.add_argument("--output", "-o", default=None,
-                   help="output folder (default: plots/ next to the log; for several logs next to the first)")
+                   help="output folder (default: plots/ in the run's folder; for several logs, plots/ "
+                        "next to the first log)")
     p.add_argument("--target", type=float, default=None,
                    help=f"target mAP line (default: threshold in config.json next to the log, else {DEFAULT_TARGET})")
     p.set_defaults(func=run)
@@ -213,9 +215,12 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logs = require_logs(args.logs)
+    from ..config import ConfigError
+
     if args.metrics and len(logs) > 1:
-        print("error: --metrics names the metrics of one log; got several logs")
-        return 2
+        raise ConfigError(f"--metrics: names the metrics of one log; got {len(logs)} logs")
+    if args.metrics and not os.path.isfile(args.metrics):
+        raise ConfigError(f"--metrics: no such file: {args.metrics}")
     names: dict[str, int] = {}
     runs = []
     for log in logs:
@@ -226,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             names[r.name] = 0
         runs.append(r)
-    out = Path(args.output) if args.output else logs[0].parent / "plots"
+    out = Path(args.output) if args.output else (run_folder(logs[0]) if len(runs) == 1 else logs[0].parent) / "plots"
     written = []
     if len(runs) == 1:
         written += plot_run(runs[0], out)
@@ -236,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
         written.append(plot_overlay(runs, out))
     for r in runs:
         if r.metrics_file is None:
-            print(f"note: no metrics.jsonl for {r.log}: loss and learning-rate panels are empty")
+            print(f"note: no metrics.jsonl for {r.log} (looked in {run_folder(r.log)}): "
+                  "loss and learning-rate panels are empty")
     for path in written:
         print(f"wrote {path}")
     print(f"plots: {os.path.abspath(out)}")

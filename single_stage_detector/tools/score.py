@@ -10,6 +10,11 @@ from dataclasses import asdict, dataclass, field
 from ..compliance import RCP_VERSION, check_rcp, read_log, require_logs
 
 RUNS_PER_SCORE = 5  # SSD: 5 runs, olympic mean (SPEC.md section 8)
+# Logged settings that must agree for runs to be scored together (one configuration).
+HYPERPARAMETER_KEYS = ("submission_benchmark", "submission_division", "global_batch_size",
+                       "opt_base_learning_rate", "opt_weight_decay", "opt_learning_rate_warmup_steps",
+                       "opt_learning_rate_warmup_factor", "opt_learning_rate_decay_boundary_epochs",
+                       "max_samples", "model_bn_span", "gradient_accumulation_steps")
 
 
 @dataclass
@@ -25,6 +30,7 @@ class RunSummary:
     division: str | None
     seed: int | None
     benchmark: str | None
+    hyperparameters: dict = field(default_factory=dict)  # HYPERPARAMETER_KEYS found in the log
 
     @property
     def minutes(self) -> float | None:
@@ -50,7 +56,46 @@ def summarize_run(log_file) -> RunSummary:
         time_to_train_s=(stop.time_ms - start.time_ms) / 1000.0 if start is not None and stop is not None else None,
         epochs_to_converge=epochs, best_accuracy=max(values) if values else None, evaluations=len(evals),
         global_batch_size=value("global_batch_size"), division=value("submission_division"), seed=value("seed"),
-        benchmark=value("submission_benchmark"))
+        benchmark=value("submission_benchmark"),
+        hyperparameters={k: value(k) for k in HYPERPARAMETER_KEYS if first(k) is not None})
+
+
+def hyperparameter_differences(runs: list[RunSummary]) -> dict[str, dict[str, int]]:
+    """The logged settings on which ``runs`` disagree: ``{key: {value as JSON: number of runs}}``."""
+    diffs: dict[str, dict[str, int]] = {}
+    for key in HYPERPARAMETER_KEYS:
+        counts: dict[str, int] = {}
+        for r in runs:
+            v = json.dumps(r.hyperparameters.get(key))
+            counts[v] = counts.get(v, 0) + 1
+        if len(counts) > 1:
+            diffs[key] = counts
+    return diffs
+
+
+def spread(minutes: list[float]) -> dict[str, float] | None:
+    """Min, max, sample standard deviation and its share of the mean (%), of run times in minutes;
+    None for fewer than 2 runs."""
+    if len(minutes) < 2:
+        return None
+    mean = sum(minutes) / len(minutes)
+    std = math.sqrt(sum((m - mean) ** 2 for m in minutes) / (len(minutes) - 1))
+    return {"min": min(minutes), "max": max(minutes), "std": std, "rel_std_percent": 100.0 * std / mean}
+
+
+def drop_reasons(runs: list[RunSummary], score: "Score") -> dict[str, str]:
+    """Why each dropped log is left out of the mean: fastest, slowest or not converged."""
+    converged = sorted((r for r in runs if r.converged and r.time_to_train_s is not None),
+                       key=lambda r: r.time_to_train_s)
+    reasons = {}
+    for log in score.dropped:
+        if converged and log == converged[0].log:
+            reasons[log] = "dropped: fastest"
+        elif converged and log == converged[-1].log:
+            reasons[log] = "dropped: slowest"
+        else:
+            reasons[log] = "dropped: not converged"
+    return reasons
 
 
 @dataclass
@@ -92,7 +137,7 @@ def olympic_score(runs: list[RunSummary]) -> Score:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "score", help="time to train per run, MLPerf score (olympic mean of 5) and the official RCP check",
+        "score", help="time to train per run, MLPerf score and spread, RCP check",
         description="Per run: time to train (run_stop - run_start), converged or not, epochs to converge. "
                     "For the set: the MLPerf score (5 runs, drop fastest and slowest, mean of the rest, "
                     "minutes) and the official RCP check (mlperf_logging.rcp_checker) for the global batch size.")
@@ -113,11 +158,17 @@ def run(args: argparse.Namespace) -> int:
     score = olympic_score(runs)
     rcp = None if args.no_rcp else check_rcp(logs, args.rcp_version)
     batch_sizes = sorted({r.global_batch_size for r in runs if r.global_batch_size is not None})
+    reasons = drop_reasons(runs, score)
+    counted = [r for r in runs if r.log not in reasons and r.minutes is not None] if score.minutes is not None else []
+    counted_spread = spread([r.minutes for r in counted])
+    diffs = hyperparameter_differences(runs)
     if args.json:
         out = {
-            "runs": [{**asdict(r), "minutes": r.minutes} for r in runs],
+            "runs": [{**asdict(r), "minutes": r.minutes,
+                      "in_score": reasons.get(r.log, "counted" if r in counted else "no score")} for r in runs],
             "score_minutes": score.minutes, "score_runs": score.runs, "converged_runs": score.converged,
             "dropped": score.dropped, "note": score.note, "global_batch_size": batch_sizes,
+            "spread_minutes": counted_spread, "hyperparameter_differences": diffs,
             "rcp": None if rcp is None else {"version": args.rcp_version, "passed": rcp.ok, "message": rcp.message},
         }
         print(json.dumps(out, indent=2))
@@ -126,20 +177,31 @@ def run(args: argparse.Namespace) -> int:
     name = lambda r: os.path.relpath(os.path.abspath(r.log), common) if common else r.log  # noqa: E731
     width = max(12, *(len(name(r)) for r in runs))
     print(f"{'run':<{width}}  {'status':<10} {'converged':<9} {'seconds':>9} {'minutes':>8} {'epochs':>6} "
-          f"{'best acc':>8} {'batch':>6} {'seed':>10}")
+          f"{'best acc':>8} {'batch':>6} {'seed':>10}  in score")
     for r in runs:
+        used = reasons.get(r.log, "counted" if r in counted else "-")
         print(f"{name(r):<{width}}  {r.status:<10} {'yes' if r.converged else 'no':<9} "
               f"{_fmt(r.time_to_train_s, '.1f'):>9} {_fmt(r.minutes, '.3f'):>8} {_fmt(r.epochs_to_converge, 'g'):>6} "
-              f"{_fmt(r.best_accuracy, '.4f'):>8} {_fmt(r.global_batch_size, 'd'):>6} {_fmt(r.seed, 'd'):>10}")
+              f"{_fmt(r.best_accuracy, '.4f'):>8} {_fmt(r.global_batch_size, 'd'):>6} {_fmt(r.seed, 'd'):>10}  {used}")
     if common:
         print(f"(runs under {common})")
     if score.minutes is not None:
-        print(f"MLPerf score: {score.minutes:.4f} minutes (olympic mean of {score.runs} runs, "
-              f"{len(score.dropped)} dropped)")
+        print(f"MLPerf score: {score.minutes:.4f} minutes (olympic mean of {score.runs} runs: "
+              f"{len(counted)} counted, {len(score.dropped)} dropped)")
+        if counted_spread:
+            print(f"spread of the counted runs: {counted_spread['min']:.4f} .. {counted_spread['max']:.4f} minutes, "
+                  f"standard deviation {counted_spread['std']:.4f} minutes "
+                  f"({counted_spread['rel_std_percent']:.1f} % of their mean)")
     else:
         print("MLPerf score: none")
     if score.note:
         print(f"note: {score.note}")
+    for key, counts in diffs.items():
+        detail = ", ".join(f"{v} in {n} run(s)" for v, n in counts.items())
+        print(f"warning: the runs differ in {key} ({detail}): an MLPerf score is over runs of one configuration")
+    seeds = [r.seed for r in runs if r.seed is not None]
+    if len(seeds) > 1 and len(set(seeds)) < len(seeds):
+        print("warning: several runs share a seed: they are repeats of one run, not independent trials")
     if rcp is not None:
         bs = ", ".join(map(str, batch_sizes)) or "?"
         print(f"RCP check (rcp_checker --rcp_version {args.rcp_version}, global batch size {bs}): "

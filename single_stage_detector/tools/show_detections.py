@@ -109,7 +109,7 @@ def render_grid(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLik
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "show-detections", help="draw a checkpoint's predictions (red) and the ground truth (green) in a PNG grid",
+        "show-detections", help="a checkpoint's detections and the ground truth in a PNG grid",
         description="Run a checkpoint.pt of `train` on N validation images and draw predictions (red, class "
                     "and score) and ground truth (green) on the original images, in a grid PNG of "
                     "cols*CELL x rows*CELL pixels.")
@@ -118,24 +118,27 @@ def add_parser(sub) -> None:
                    help="COCO-layout folder (default: data_dir recorded in the checkpoint's config)")
     p.add_argument("--output", "-o", default=None,
                    help="PNG path (default: detections.png next to the checkpoint)")
-    p.add_argument("--num-images", "-n", type=int, default=8)
+    p.add_argument("--num-images", "-n", type=int, default=8, help="images in the grid")
     p.add_argument("--start", type=int, default=0, help="index of the first val image")
-    p.add_argument("--cols", type=int, default=4)
+    p.add_argument("--cols", type=int, default=4, help="grid columns")
     p.add_argument("--cell", type=int, default=320, help="cell size in pixels")
     p.add_argument("--min-score", type=float, default=0.3, help="draw predictions with at least this score")
     p.add_argument("--max-detections", type=int, default=20, help="per image")
-    p.add_argument("--split", default="val")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--split", default="val", choices=("val", "train"), help="dataset split")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_images < 1 or args.cols < 1 or args.cell < 32:
-        print("error: --num-images and --cols must be >= 1, --cell >= 32")
-        return 2
-    from ..checkpoint import checkpoint_data_dir, load_checkpoint
+    from ..checkpoint import checkpoint_data_dir
+    from ..config import check_device
+    from .cli import load_checkpoint_arg, require_positive
 
-    ckpt = load_checkpoint(args.checkpoint)
+    require_positive(args, "--num-images", "--cols")
+    require_positive(args, "--cell", minimum=32)
+    require_positive(args, "--start", "--max-detections", minimum=0)
+    check_device(args.device)
+    ckpt = load_checkpoint_arg(args.checkpoint)
     data_dir = checkpoint_data_dir(ckpt, args.checkpoint, args.data_dir)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "detections.png")
     info = render_grid(ckpt, data_dir, output, num_images=args.num_images, cols=args.cols,

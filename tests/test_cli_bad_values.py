@@ -1,0 +1,173 @@
+"""Every subcommand with bad values: one line on stderr naming the flag or the file, exit status
+2, no traceback; and the CLI's start-up and help.
+
+A few cases run as real subprocesses (what a user sees, exit status included); the others
+call the same entry point in this process, which is what the subprocess runs, only
+without paying for a new interpreter and torch import per case. Files of the wrong kind: a
+text file, a folder, a torch file that is not a checkpoint.
+"""
+import argparse
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+CLI = [sys.executable, "-m", "single_stage_detector"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Stand-ins for the files the commands take: wrong kinds and missing ones."""
+    import torch
+
+    root = tmp_path_factory.mktemp("bad_values")
+    (root / "notes.log").write_text("not an MLPerf log\n")
+    (root / "folder").mkdir()
+    torch.save({"weights": 1}, root / "other.pt")
+    return root
+
+
+# (id, arguments with {d} = the files folder, what the one line must name)
+CASES = [
+    ("train-unknown-preset", "train --preset foo --data-dir {d}/folder", "--preset"),
+    ("train-unknown-device", "train --device tpu --data-dir {d}/folder", "--device"),
+    ("train-backbone-for-tiny", "train --preset ssd_tiny --pretrained-backbone {d}/other.pt --data-dir {d}/folder",
+     "--pretrained-backbone"),
+    ("train-init-checkpoint-kind", "train --preset ssd_tiny --init-checkpoint {d}/notes.log --data-dir {d}/folder",
+     "--init-checkpoint"),
+    ("train-init-checkpoint-missing", "train --preset ssd_tiny --init-checkpoint {d}/none.pt --data-dir {d}",
+     "{d}/none.pt"),
+    ("train-type", "train --epochs many", "--epochs"),
+    ("train-unknown-flag", "train --no-such-flag", "--no-such-flag"),
+    ("train-range", "train --batch-size 0 --data-dir {d}/folder", "--batch-size"),
+    ("demo-unknown-device", "demo --device tpu", "--device"),
+    ("demo-unknown-preset", "demo --preset foo", "--preset"),
+    ("benchmark-unknown-preset", "benchmark --preset foo", "--preset"),
+    ("benchmark-unknown-device", "benchmark --device tpu", "--device"),
+    ("benchmark-range", "benchmark --iters 0", "--iters"),
+    ("benchmark-choice", "benchmark --parts everything", "--parts"),
+    ("evaluate-missing", "evaluate {d}/none.pt", "{d}/none.pt"),
+    ("evaluate-log-as-checkpoint", "evaluate {d}/notes.log", "{d}/notes.log"),
+    ("evaluate-folder-as-checkpoint", "evaluate {d}/folder", "{d}/folder"),
+    ("evaluate-other-torch-file", "evaluate {d}/other.pt", "{d}/other.pt"),
+    ("evaluate-unknown-device", "evaluate {d}/other.pt --device tpu", "--device"),
+    ("evaluate-range", "evaluate {d}/other.pt --batch-size 0", "--batch-size"),
+    ("show-detections-missing", "show-detections {d}/none.pt", "{d}/none.pt"),
+    ("show-detections-log", "show-detections {d}/notes.log", "{d}/notes.log"),
+    ("show-detections-range", "show-detections {d}/other.pt --cols 0", "--cols"),
+    ("make-synthetic-dataset-file", "make-synthetic-dataset {d}/notes.log", "{d}/notes.log"),
+    ("make-synthetic-dataset-range", "make-synthetic-dataset {d}/s --train-images 0", "--train-images"),
+    ("check-logs-missing", "check-logs {d}/none.log", "{d}/none.log"),
+    ("check-logs-empty-folder", "check-logs {d}/folder", "{d}/folder"),
+    ("check-logs-ruleset", "check-logs {d}/notes.log --ruleset 9.9.9", "--ruleset"),
+    ("score-missing", "score {d}/none.log", "{d}/none.log"),
+    ("score-empty-folder", "score {d}/folder", "{d}/folder"),
+    ("package-missing", "package {d}/none.log", "{d}/none.log"),
+    ("package-system-json-missing", "package {d}/notes.log --system-json {d}/none.json", "--system-json"),
+    ("plot-missing", "plot {d}/none.log", "{d}/none.log"),
+    ("plot-empty-folder", "plot {d}/folder", "{d}/folder"),
+]
+
+
+# Real processes for these (one per kind of failure: preset, a rule checked inside the run,
+# a file of the wrong kind, a missing file, an argparse choice).
+IN_SUBPROCESS = {"train-unknown-preset", "train-range", "evaluate-log-as-checkpoint", "check-logs-missing",
+                 "benchmark-choice"}
+
+
+def _run(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _run_here(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """``main(args)`` in this process, as a CompletedProcess (argparse's exit included)."""
+    from single_stage_detector.__main__ import main
+
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_bad_values_of_every_subcommand(files, capsys, monkeypatch):
+    from single_stage_detector.__main__ import build_parser
+
+    commands = {name for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+                for name in a.choices}
+    assert commands == {c[1].split()[0] for c in CASES}, "every subcommand needs a bad-value case"
+    assert IN_SUBPROCESS <= {c[0] for c in CASES}
+    d = str(files)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {c[0]: pool.submit(_run, c[1].format(d=d).split(), files) for c in CASES if c[0] in IN_SUBPROCESS}
+        monkeypatch.chdir(files)
+        procs = [futures[c[0]].result() if c[0] in IN_SUBPROCESS else _run_here(c[1].format(d=d).split(), capsys)
+                 for c in CASES]
+    failures = []
+    for (name, _, names), proc in zip(CASES, procs):
+        lines = proc.stderr.strip().splitlines()
+        ok = (proc.returncode == 2 and len(lines) == 1 and "error" in lines[0]
+              and names.format(d=d) in lines[0] and "Traceback" not in proc.stderr + proc.stdout)
+        if not ok:
+            failures.append(f"{name}: exit {proc.returncode}, stderr {proc.stderr[-600:]!r}")
+    assert not failures, "\n".join(failures)
+    assert not (files / "s").exists()  # refused before anything was written
+
+
+def test_check_logs_explains_a_non_mlperf_log(files):
+    proc = _run(["check-logs", str(files / "notes.log")], files)
+    assert proc.returncode == 1
+    assert "not an MLPerf log: no ':::MLLOG' lines" in proc.stdout and "submission_org" not in proc.stdout
+
+
+def test_help_is_fast_and_lists_every_command_on_one_line():
+    from single_stage_detector.__main__ import build_parser
+
+    _run(["--help"], None)  # warm the file cache (a loaded machine still answers well under 1 s)
+    start = time.perf_counter()
+    proc = _run(["--help"], None)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0 and elapsed < 1.0, elapsed
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in sub.choices:
+        assert re.search(rf"^    {re.escape(name)} +\S", proc.stdout, re.M), f"{name} not on one line"
+    # No heavy import at start-up.
+    code = ("import sys; from single_stage_detector.__main__ import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'nvidia.dali', 'numpy') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_every_flag_has_help_and_one_shown_default():
+    from single_stage_detector.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    problems = []
+    for name, parser in sub.choices.items():
+        parser.format_help()  # fills in the lazily added flags
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.help:
+                problems.append(f"{name} {action.dest}: no help")
+                continue
+            text = formatter._expand_help(action)
+            if action.option_strings and text.count("default") < 1:
+                problems.append(f"{name} {action.option_strings[0]}: no default shown")
+            if text.count("(default") > 1:
+                problems.append(f"{name} {action.option_strings[0]}: default shown twice: {text}")
+    assert not problems, "\n".join(problems)
+
+
+def test_warmup_longer_than_the_run_gets_a_hint(capsys):
+    from single_stage_detector.__main__ import _warmup_hint
+    from single_stage_detector.config import TrainConfig
+
+    _warmup_hint(TrainConfig(data_dir="d", max_train_images=64, batch_size=8, epochs=2))  # 16 steps < 300
+    assert "--warmup-steps 300 is at least the whole run (about 16 steps" in capsys.readouterr().out
+    _warmup_hint(TrainConfig(data_dir="d", max_train_images=64, batch_size=8, epochs=2, warmup_steps=4))
+    assert capsys.readouterr().out == ""
