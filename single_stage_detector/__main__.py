@@ -69,6 +69,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run_training(cfg)
     if result.rank == 0:
         _print_summary(result)
+    if result.stopped_by is not None:
+        from .signals import EXIT_STOPPED
+
+        if result.rank == 0:
+            print(f"stopped by {result.stopped_by} after writing a checkpoint; continue with --resume auto "
+                  f"--output-dir {cfg.output_dir}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     return 0 if result.status == "success" else 3
 
 
@@ -124,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .checkpoint import OutputWriteError
     from .data.coco import DatasetError
     from .losses import NonFiniteLossError
     from .models.backbone_weights import BackboneWeightsError
+    from .signals import EXIT_WRITE_FAILED, RunInterrupted, signal_exit_code
 
     try:
         return args.func(args)
@@ -137,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 4
+    except OutputWriteError as e:
+        print(f"error: {e.strerror or e}; the run stopped (complete checkpoints written before are kept)",
+              file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except RunInterrupted as e:
+        print(f"error: {e}; continue from the last checkpoint with --resume auto", file=sys.stderr)
+        return signal_exit_code(e.signum)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
