@@ -80,7 +80,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             pass  # some filesystems cannot fsync a folder; the rename is still atomic
     except OSError as e:
         raise OutputWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-    except RuntimeError as e:  # torch.save reports a failed write as RuntimeError (e.g. "file write failed")
+    except RuntimeError as e:
+        # torch.save reports a failed write as a RuntimeError about its zip writer; the
+        # OSError of the file object it wrote to (e.g. ENOSPC) is in the exception's context.
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError):
+            raise OutputWriteError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from e
         raise OutputWriteError(errno.EIO, f"cannot write {path}: {e}") from e
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -99,7 +104,11 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """``state`` holds at least ``model`` (state dict) and ``preset`` (name). Atomic; OutputWriteError on failure."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def dump(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a Python file object: its write errors keep their errno
+            torch.save(state, fh)
+
+    atomic_write(path, dump)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
