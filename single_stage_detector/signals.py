@@ -2,7 +2,8 @@
 
 The handler only records the signal (no I/O, no GPU work); the training loop reads the
 record at step boundaries, so the hot path gains no host synchronisation. A second
-signal raises :class:`RunInterrupted` in the main thread, which unwinds the run at once
+signal (more than ``DUPLICATE_WINDOW_S`` after the first) raises :class:`RunInterrupted` in
+the main thread, which unwinds the run at once
 (the MLPerf log still gets its ``run_stop``; no new checkpoint is written).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 __all__ = ["StopSignals", "RunInterrupted", "EXIT_STOPPED", "EXIT_WRITE_FAILED", "signal_exit_code"]
@@ -19,6 +21,10 @@ EXIT_STOPPED = 5
 # Exit status of a run whose outputs could not be written mid-run (full disk, read-only folder).
 EXIT_WRITE_FAILED = 6
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+# A repeat within this many seconds of the first signal is the same request arriving twice:
+# Ctrl-C reaches torchrun and its workers (which torchrun forwards it to again), and SLURM
+# signals every process of a step, launchers included. Only a later one means "at once".
+DUPLICATE_WINDOW_S = 1.0
 
 
 def signal_exit_code(signum: int) -> int:
@@ -46,6 +52,7 @@ class StopSignals:
 
     def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._announce = announce
         self._previous: dict[int, object] = {}
 
@@ -58,9 +65,12 @@ class StopSignals:
         return signal.Signals(self.signum).name if self.signum is not None else None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.signum is not None:
+            if now - self._first_at < DUPLICATE_WINDOW_S:
+                return  # the same request by a second path (see DUPLICATE_WINDOW_S)
             raise RunInterrupted(signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, now
         if self._announce:
             print(f"{signal.Signals(signum).name} received: stopping after the current step with a checkpoint "
                   "(send it again to stop at once)", file=sys.stderr, flush=True)

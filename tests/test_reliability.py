@@ -230,8 +230,11 @@ def test_two_gloo_processes_resume_exactly(coco, tmp_path):
 
 # -- signals and dead ranks ----------------------------------------------------------------------
 def test_second_signal_stops_at_once(coco, tmp_path):
-    args = [*RUN, "--data-dir", str(coco), "--output-dir", "out", "--num-workers", "0", "--epochs", "4"]
-    rc, output, seconds = _train_until(args, tmp_path, "epoch 1/4 step 1/4", signals=(signal.SIGINT,) * 2, gap=0.05)
+    # The benchmark model: steps of seconds on a CPU, so that the second SIGINT (1.2 s after the
+    # first, past the window in which a repeat counts as the same request) lands inside one.
+    args = [*RUN, "--data-dir", str(coco), "--output-dir", "out", "--num-workers", "0", "--epochs", "4",
+            "--preset", "ssd300_resnet34", "--division", "open"]
+    rc, output, seconds = _train_until(args, tmp_path, "epoch 1/4 step 1/4", signals=(signal.SIGINT,) * 2, gap=1.2)
     assert rc == 128 + signal.SIGINT, output[-3000:]
     assert "second SIGINT: stopped at once, without a new checkpoint" in output
     assert "Traceback" not in output and seconds < 20
