@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from single_stage_detector.checkpoint import (RESUME_DIR, list_resume_checkpoints, load_checkpoint,
-                                              load_resume_checkpoint)
+from single_stage_detector.checkpoint import (RESUME_DIR, checkpoint_data_dir, list_resume_checkpoints,
+                                              load_checkpoint, load_resume_checkpoint)
 from single_stage_detector.config import ConfigError
 from single_stage_detector.data.dali import dali_available
 from single_stage_detector.data.synthetic import ensure_synthetic_coco
@@ -151,7 +151,8 @@ def reference(coco, tmp_path_factory):
 # -- exact resume ------------------------------------------------------------------------------
 def test_resume_after_epoch_limit_is_exact_lr_included(coco, reference, tmp_path, capsys):
     """`--epochs 2`, then `--epochs 4 --resume auto`: bit-identical weights, every step's LR equal."""
-    args = [*RUN, "--data-dir", str(coco), "--output-dir", "out", "--num-workers", "0"]
+    (tmp_path / "data").symlink_to(coco)  # a relative --data-dir, which checkpoints store absolute
+    args = [*RUN, "--data-dir", "data", "--output-dir", "out", "--num-workers", "0"]
     first = _train([*args, "--epochs", "2"], tmp_path)
     assert first.returncode == 3, first.stderr[-3000:]
     second = _train([*args, "--epochs", "4", "--resume", "auto"], tmp_path)
@@ -166,6 +167,18 @@ def test_resume_after_epoch_limit_is_exact_lr_included(coco, reference, tmp_path
     assert keys.count("run_resumed") == 1 and keys.count("run_stop") == 2
     assert [r["metadata"]["epoch_num"] for r in recs if r["key"] == "epoch_start"] == [1, 2, 3, 4]
     _assert_no_partial_checkpoint(out)
+    # Outputs as readable as the log (the umask's mode, not the temp file's 0600), and a
+    # checkpoint that finds its dataset from any working folder, or says which flag to pass.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "result.json", "checkpoint.pt", "mlperf.log"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["config"]["data_dir"] == str(tmp_path / "data")
+    assert checkpoint_data_dir(ckpt, "checkpoint.pt") == str(tmp_path / "data")
+    ckpt["config"]["data_dir"] = str(tmp_path / "moved")
+    with pytest.raises(ConfigError, match=r"moved, which does not exist here; pass --data-dir"):
+        checkpoint_data_dir(ckpt, "checkpoint.pt")
     # check-logs says why the log is no timed result, instead of failing it on duplicated keys.
     status = check_logs.run(argparse.Namespace(logs=[str(out / "mlperf.log")], ruleset=None, verbose=False,
                                                json=False))
@@ -209,8 +222,9 @@ def test_dali_sigterm_then_resume_is_exact(coco, tmp_path):
 
 
 def _assert_workers_exited(proc: subprocess.CompletedProcess, status: int) -> None:
-    """torchrun exits 1 when a worker exits non-zero; its report gives every worker's status."""
-    assert proc.returncode == 1 and proc.stderr.count(f"exitcode  : {status} ") == 2, proc.stderr[-3000:]
+    """torchrun exits 1 when a worker exits non-zero; its report names the first one's status (the
+    other may be stopped by torchrun after its work is done, before it exits by itself)."""
+    assert proc.returncode == 1 and f"exitcode  : {status} " in proc.stderr, proc.stderr[-3000:]
 
 
 def test_two_gloo_processes_resume_exactly(coco, tmp_path):
