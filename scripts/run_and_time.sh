@@ -29,9 +29,10 @@
 #   PYTHON       interpreter (default: <repo>/.venv/bin/python if present, else python3)
 # Arguments are passed to the trainer after EXTRA_PARAMS, so they override it.
 #
-# Exit status: the trainer's (0 success, 2 bad input, 3 aborted at the epoch limit,
+# Exit status: the trainer's (0 success, 2 bad input, 3 aborted at the epoch limit, 5 stopped by
+# SIGTERM/SIGINT with a checkpoint, 6 outputs not writable,
 # 4 non-finite loss; other values: crash or launcher error). torchrun reports any failure
-# as 1; an aborted run is still told apart (3) through the run's result.json.
+# as 1; a stopped (5) or aborted (3) run is still told apart through the run's result.json.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -147,10 +148,14 @@ while kill -0 "${trainer}" 2> /dev/null; do  # a trapped signal ends `wait` earl
 done
 trap - TERM INT
 set -e
-# torchrun exits 1 whatever its processes' status was: recover "aborted" (3) from result.json.
-if [[ "${LAUNCHER}" == torchrun && "${status}" -ne 0 && -f "${result_json}" ]] \
-        && grep -Eq '"status": *"aborted"' "${result_json}"; then
-    status=3
+# torchrun exits 1 whatever its processes' status was: recover "stopped by a signal" (5) and
+# "aborted" (3) from result.json.
+if [[ "${LAUNCHER}" == torchrun && "${status}" -ne 0 && -f "${result_json}" ]]; then
+    if grep -Eq '"stopped_by": *"SIG' "${result_json}"; then
+        status=5
+    elif grep -Eq '"status": *"aborted"' "${result_json}"; then
+        status=3
+    fi
 fi
 
 end=$(date +%s)

@@ -8,6 +8,7 @@ the main thread, which unwinds the run at once
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -72,8 +73,10 @@ class StopSignals:
             raise RunInterrupted(signum)
         self.signum, self._first_at = signum, now
         if self._announce:
-            print(f"{signal.Signals(signum).name} received: stopping after the current step with a checkpoint "
-                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+            # os.write, not print: the handler may run while the main thread is inside a
+            # buffered write to the same stream, which print would re-enter.
+            os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name} received: stopping after the current "
+                     "step with a checkpoint (send it again to stop at once)\n".encode())
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
