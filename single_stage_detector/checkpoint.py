@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["atomic_write", "write_json", "save_checkpoint", "load_checkpoint", "checkpoint_data_dir",
-           "OutputWriteError", "STORAGE_ERRNOS", "RESUME_DIR", "RESUME_FORMAT", "resume_checkpoint_name", "list_resume_checkpoints",
-           "prune_resume_checkpoints", "load_resume_checkpoint"]
+           "OutputWriteError", "STORAGE_ERRNOS", "RESUME_DIR", "RESUME_FORMAT", "resume_checkpoint_name",
+           "list_resume_checkpoints", "prune_resume_checkpoints", "load_resume_checkpoint"]
 
 RESUME_DIR = "checkpoints"
 RESUME_FORMAT = 1  # bumped when the resume state changes incompatibly
