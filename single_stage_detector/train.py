@@ -456,7 +456,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     if cfg.save_checkpoint and stopped_by is None and not cfg.eval_only:
         # The end of the run as a resume point too (before BN statistics are averaged below):
         # `--epochs` can be raised and the run continued with --resume.
-        save_resume(epochs_done, 0, backend)
+        save_resume(epochs_done, step_in_epoch, backend)  # mid-epoch only when no epoch ran here
     if cfg.save_checkpoint and info.distributed and stopped_by is None:
         average_batch_norm_stats(detector)  # the saved model is the one all ranks evaluate (collective)
     if cfg.save_checkpoint and info.is_main and stopped_by is None:
