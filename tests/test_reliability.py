@@ -228,6 +228,9 @@ def _assert_workers_exited(proc: subprocess.CompletedProcess, status: int) -> No
 
 
 def test_two_gloo_processes_resume_exactly(coco, tmp_path):
+    """2 processes under torchrun: stopped by `--epochs 2`, resumed and stopped by a SIGTERM to
+    torchrun inside epoch 3 (both ranks stop at the same step), resumed to the end: the
+    weights of the uninterrupted run, bit for bit, and the same LR at every step."""
     args = [*RUN, "--data-dir", str(coco), "--num-workers", "0", "--batch-size", "1"]
     full = _train([*args, "--output-dir", "full", "--epochs", "4"], tmp_path, nproc=2)
     _assert_workers_exited(full, 3)
@@ -235,11 +238,19 @@ def test_two_gloo_processes_resume_exactly(coco, tmp_path):
     _assert_workers_exited(first, 3)
     ranks = load_resume_checkpoint(list_resume_checkpoints(tmp_path / "out")[-1])["resume"]["ranks"]
     assert len(ranks) == 2  # each rank's RNG states and BN statistics
-    second = _train([*args, "--output-dir", "out", "--epochs", "4", "--resume", "auto"], tmp_path, nproc=2)
-    _assert_workers_exited(second, 3)
+    resume = [*args, "--output-dir", "out", "--epochs", "4", "--resume", "auto"]
+    rc, output, _ = _train_until(resume, tmp_path, "epoch 3/4 step 1/4", nproc=2)
+    # torchrun forwards the signal and re-raises it (exit 1); both ranks stopped by themselves in time.
+    assert rc == 1 and "stopped by SIGTERM after writing a checkpoint" in output, output[-3000:]
+    assert "SIGKILL" not in output, output[-3000:]
+    _assert_no_partial_checkpoint(tmp_path / "out")
+    assert _mllog(tmp_path / "out" / "mlperf.log")[-1]["metadata"]["status"] == "aborted"
+    last = _train(resume, tmp_path, nproc=2)
+    _assert_workers_exited(last, 3)
     _assert_bit_identical(_weights(tmp_path / "full"), _weights(tmp_path / "out"))
     assert _lrs(tmp_path / "out") == _lrs(tmp_path / "full")
-    _mllog(tmp_path / "out" / "mlperf.log")
+    recs = _mllog(tmp_path / "out" / "mlperf.log")
+    assert [r["key"] for r in recs].count("run_resumed") == 2
 
 
 # -- signals and dead ranks ----------------------------------------------------------------------
