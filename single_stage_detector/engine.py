@@ -354,6 +354,9 @@ def train_one_epoch(
         stats.steps += 1
 
         in_epoch = steps_before + stats.steps
+        # Read before this step's progress line: a signal sent on seeing that line stops after the next step.
+        stop_here = (should_stop is not None and not (total_micro is not None and micro >= total_micro)
+                     and should_stop(in_epoch))
         if in_epoch % log_every == 0 or stats.steps == 1:
             now = time.perf_counter()
             values = {k: float(v.detach()) for k, v in losses.items()}
@@ -368,8 +371,7 @@ def train_one_epoch(
             t_log, images_since_log = now, 0
         if steps_per_epoch is not None and in_epoch >= steps_per_epoch:
             break
-        if should_stop is not None and not (total_micro is not None and micro >= total_micro) \
-                and should_stop(in_epoch):
+        if stop_here:
             stats.stopped = True
             break
     if info.device.type == "cuda":
