@@ -367,8 +367,12 @@ def test_full_disk_refused_before_run_start_and_mid_run_keeps_every_file_whole(c
 {train} > run.txt 2>&1 &
 pid=$!
 while ! grep -q "epoch 1 done" run.txt; do kill -0 $pid 2>/dev/null || break; sleep 0.2; done
-avail=$(df -B1 --output=avail "$D" | tail -n 1)
-fallocate -l $((avail - 65536)) "$D/fill"
+# A checkpoint may be growing meanwhile: retry until the fill fits (tmpfs undoes a failed one).
+for _ in $(seq 100); do
+    avail=$(df -B1 --output=avail "$D" | tail -n 1)
+    fallocate -l $((avail - 65536)) "$D/fill" 2> /dev/null && break
+    sleep 0.05
+done
 wait $pid; rc=$?
 rm -f "$D/fill"; cp -a "$D/out" kept
 exit $rc
