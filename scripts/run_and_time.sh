@@ -39,9 +39,10 @@
 #   PYTHON       interpreter (default: <repo>/.venv/bin/python if present, else python3)
 # Arguments are passed to the trainer after EXTRA_PARAMS, so they override it.
 #
-# Exit status: the trainer's (0 success, 2 bad input, 3 aborted at the epoch limit,
+# Exit status: the trainer's (0 success, 2 bad input, 3 aborted at the epoch limit, 5 stopped by
+# SIGTERM/SIGINT with a checkpoint, 6 outputs not writable,
 # 4 non-finite loss; other values: crash or launcher error). torchrun reports any failure
-# as 1; an aborted run is still told apart (3) through the run's result.json.
+# as 1; a stopped (5) or aborted (3) run is still told apart through the run's result.json.
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -174,13 +175,30 @@ result_json="${LOGDIR}/${RUN_NAME}/result.json"
 rm -f "${result_json}"
 
 set +e
-"${cmd[@]}"
+# The trainer runs in the background so that this script can pass SIGTERM / SIGINT on to it
+# (`docker stop` signals only the container's first process) and then wait for its clean
+# stop (checkpoint, run_stop, exit status 5). A copy the trainer also gets directly (SLURM
+# signals every process of the step; Ctrl-C the whole process group) counts once.
+"${cmd[@]}" &
+trainer=$!
+trap 'kill -TERM "${trainer}" 2> /dev/null' TERM
+trap 'kill -INT "${trainer}" 2> /dev/null' INT
+wait "${trainer}"
 status=$?
+while kill -0 "${trainer}" 2> /dev/null; do  # a trapped signal ends `wait` early: wait again
+    wait "${trainer}"
+    status=$?
+done
+trap - TERM INT
 set -e
-# torchrun exits 1 whatever its processes' status was: recover "aborted" (3) from result.json.
-if [[ "${LAUNCHER}" == torchrun && "${status}" -ne 0 && -f "${result_json}" ]] \
-        && grep -Eq '"status": *"aborted"' "${result_json}"; then
-    status=3
+# torchrun exits 1 whatever its processes' status was: recover "stopped by a signal" (5) and
+# "aborted" (3) from result.json.
+if [[ "${LAUNCHER}" == torchrun && "${status}" -ne 0 && -f "${result_json}" ]]; then
+    if grep -Eq '"stopped_by": *"SIG' "${result_json}"; then
+        status=5
+    elif grep -Eq '"status": *"aborted"' "${result_json}"; then
+        status=3
+    fi
 fi
 
 end=$(date +%s)
@@ -192,6 +210,8 @@ if [[ "${RANK0}" -eq 1 ]]; then
         2) echo "run_and_time.sh: training refused its input (exit status 2, see the error above)" >&2 ;;
         3) echo "run_and_time.sh: training stopped at the epoch limit without reaching the target (exit status 3: aborted)" >&2 ;;
         4) echo "run_and_time.sh: training stopped on a non-finite loss (exit status 4)" >&2 ;;
+        5) echo "run_and_time.sh: training stopped by a signal after writing a checkpoint (exit status 5); rerun with EXTRA_PARAMS=\"--resume auto\" and the same RUN_NAME to continue (the log is then marked resumed)" >&2 ;;
+        6) echo "run_and_time.sh: training could not write its outputs (exit status 6: disk full or folder read-only)" >&2 ;;
         *) echo "run_and_time.sh: training failed (exit status ${status})" >&2 ;;
     esac
 fi

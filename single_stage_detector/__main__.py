@@ -118,6 +118,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run_training(cfg)
     if result.rank == 0:
         _print_summary(result)
+    if result.stopped_by is not None:
+        from .signals import EXIT_STOPPED
+
+        if result.rank == 0:
+            print(f"stopped by {result.stopped_by} after writing a checkpoint; continue with --resume auto "
+                  f"--output-dir {cfg.output_dir}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     return 0 if result.status == "success" else 3
 
 
@@ -273,7 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except BaseException as e:
+        signals = sys.modules.get("single_stage_detector.signals")
+        if signals is not None and isinstance(e, signals.RunInterrupted):
+            print(f"error: {e}; continue from the last checkpoint with --resume auto", file=sys.stderr)
+            return signals.signal_exit_code(e.signum)
+        checkpoint = sys.modules.get("single_stage_detector.checkpoint")
+        if checkpoint is not None and isinstance(e, checkpoint.OutputWriteError):
+            # Checked before the bad-input types: it is an OSError, but raised mid-run.
+            print(f"error: {e.strerror or e}; the run stopped (complete checkpoints written before are kept)",
+                  file=sys.stderr)
+            return signals.EXIT_WRITE_FAILED if signals is not None else 6
+        if not isinstance(e, Exception):
+            raise
         if isinstance(e, _user_error_types()):
             # Bad input: one clear line naming the file or flag, no traceback.
             print(f"error: {_error_line(e)}", file=sys.stderr)

@@ -16,8 +16,8 @@ from typing import Any, Optional
 from .data.synthetic_params import DEFAULT_PARAMS as SYNTHETIC_DEFAULTS
 from .data.synthetic_params import is_synthetic_dataset
 
-__all__ = ["ConfigError", "TrainConfig", "HelpFormatter", "add_arguments", "config_from_args", "check_device",
-           "default_num_workers"]
+__all__ = ["ConfigError", "TrainConfig", "HelpFormatter", "RESUME_MAY_DIFFER", "add_arguments", "config_from_args",
+           "check_device", "default_num_workers"]
 
 
 class ConfigError(ValueError):
@@ -89,7 +89,13 @@ class TrainConfig:
     metrics_file: Optional[str] = _f(None, "per-step metrics JSON lines (default: OUTPUT_DIR/metrics.jsonl)")
     tensorboard_dir: Optional[str] = _f(
         None, "also write TensorBoard scalars (loss, LR, images/s, mAP) there; needs `pip install tensorboard`")
-    save_checkpoint: bool = _f(True, "write OUTPUT_DIR/checkpoint.pt (atomically) at the end of the run")
+    save_checkpoint: bool = _f(True, "write OUTPUT_DIR/checkpoint.pt and the resume checkpoints (atomically); "
+                                     "--no-save-checkpoint: write neither")
+    checkpoint_every: int = _f(1, "write a resume checkpoint (OUTPUT_DIR/checkpoints/) every N epochs; "
+                                  "0: only at the end and when a signal stops the run")
+    keep_checkpoints: int = _f(2, "keep the newest K resume checkpoints, delete older ones")
+    resume: Optional[str] = _f(None, "continue the run of this resume checkpoint exactly (PATH), or of the newest "
+                                     "one in OUTPUT_DIR/checkpoints/ (auto; a fresh start when there is none)")
     include_crowd: bool = _f(True, "train on iscrowd=1 boxes too, as the MLPerf reference (--no-include-crowd: "
                                    "drop them; open division only)")
     check_images: bool = _f(True, "before training, check every image header (size against the annotation, "
@@ -200,6 +206,16 @@ class TrainConfig:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise bad("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.checkpoint_every < 0:
+            raise bad("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise bad("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        if self.resume is not None and self.init_checkpoint:
+            raise bad("resume", "continues a run with its own weights; it cannot be combined with --init-checkpoint")
+        if self.resume is not None and self.eval_only:
+            raise bad("resume", "has nothing to continue with --eval-only")
+        if self.resume is not None and not self.save_checkpoint:
+            raise bad("resume", "needs the checkpoints that --no-save-checkpoint turns off")
         if self.bn_span is not None and self.bn_span < 1:
             raise bad("bn_span", f"must be >= 1, got {self.bn_span}")
         if self.max_samples not in (1, 50):
@@ -269,9 +285,27 @@ class TrainConfig:
             raise bad("include_crowd", "the closed division trains on crowd boxes as the reference does "
                       "(--no-include-crowd needs --division open)")
 
+    def differences_for_resume(self, saved: dict[str, Any]) -> list[str]:
+        """The flags whose values differ from ``saved`` (a checkpoint's ``config``) and would
+        change the training itself, so that a resumed run could not continue it exactly."""
+        mine = self.to_dict()
+        return [f"--{k.replace('_', '-')} {mine[k]!r} (checkpoint: {saved.get(k)!r})"
+                for k in mine if k not in RESUME_MAY_DIFFER and k in saved and mine[k] != saved[k]]
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# Flags that a resumed run may change: where outputs go, evaluation and stopping, how the
+# data are read (augmentation does not depend on the worker count), the launch's timeouts.
+RESUME_MAY_DIFFER = frozenset({
+    "data_dir", "synthetic", "synthetic_train_images", "synthetic_val_images", "pretrained_backbone", "output_dir",
+    "log_file", "metrics_file", "tensorboard_dir", "save_checkpoint", "checkpoint_every", "keep_checkpoints",
+    "resume", "check_images", "epochs", "threshold", "eval_every", "eval_start", "eval_epochs", "eval_all_images",
+    "eval_batch_size", "max_eval_images", "eval_amp", "seed", "device", "num_workers", "log_every",
+    "dist_timeout_s", "division", "submission_org", "submission_platform", "submission_status", "cache_cleared",
+})
 
 
 # -- argparse glue ------------------------------------------------------------------------

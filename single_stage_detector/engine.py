@@ -125,6 +125,7 @@ class EpochStats:
     seconds: float = 0.0
     skipped_samples: int = 0
     last_loss: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False  # should_stop() ended the epoch early, at a step boundary
 
     @property
     def images_per_s(self) -> float:
@@ -249,6 +250,8 @@ def train_one_epoch(
     steps_per_epoch: int | None = None,
     epoch_samples: int | None = None,
     batch_size: int | None = None,
+    start_batch: int = 0,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> EpochStats:
     """Train for one epoch (``epoch`` is 1-based). Returns the epoch's statistics.
 
@@ -274,13 +277,20 @@ def train_one_epoch(
     batch splits unevenly: the same gradient as one process with the whole global batch.
     ``n_global`` follows from the micro-batch's index (the samplers fill every global batch
     but the last), so no collective is needed.
+
+    Resume and stop: ``start_batch`` is the number of micro-batches of this epoch already
+    trained on (a multiple of ``accumulation_steps``; the loader must skip them itself and
+    keep ``len(loader)`` the whole epoch's). After each optimiser step but the epoch's last,
+    ``should_stop(steps done in this epoch)`` is called; True ends the epoch there, with
+    ``stats.stopped`` set. It must be cheap (it runs on the hot path).
     """
     say = _printer(info)
     detector.train()
     stats = EpochStats()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     step = start_step
-    micro = 0
+    micro = start_batch
+    steps_before = start_batch // accumulation_steps  # optimiser steps of this epoch done before
     t0 = time.perf_counter()
     t_log, images_since_log = t0, 0
     total = steps_per_epoch if steps_per_epoch is not None else "?"
@@ -346,20 +356,27 @@ def train_one_epoch(
         step += 1
         stats.steps += 1
 
-        if stats.steps % log_every == 0 or stats.steps == 1:
+        in_epoch = steps_before + stats.steps
+        # Read before this step's progress line: a signal sent on seeing that line stops after the next step.
+        stop_here = (should_stop is not None and not (total_micro is not None and micro >= total_micro)
+                     and should_stop(in_epoch))
+        if in_epoch % log_every == 0 or stats.steps == 1:
             finite.check(where=f"epoch {epoch}")
             now = time.perf_counter()
             values = {k: float(v.detach()) for k, v in losses.items()}
             stats.last_loss = values
             rate = images_since_log * info.world_size / max(now - t_log, 1e-9)
             terms = " ".join(f"{k} {v:.3f}" for k, v in values.items())
-            say(f"epoch {epoch}/{num_epochs} step {stats.steps}/{total} loss {sum(values.values()):.3f} "
+            say(f"epoch {epoch}/{num_epochs} step {in_epoch}/{total} loss {sum(values.values()):.3f} "
                 f"({terms}) lr {lr:.2e} {rate:.0f} img/s")
             if metrics is not None:
                 metrics.write(kind="train", epoch=epoch, step=step, lr=lr, loss=sum(values.values()),
                               images_per_s=rate, **{f"loss_{k}": v for k, v in values.items()})
             t_log, images_since_log = now, 0
-        if steps_per_epoch is not None and stats.steps >= steps_per_epoch:
+        if steps_per_epoch is not None and in_epoch >= steps_per_epoch:
+            break
+        if stop_here:
+            stats.stopped = True
             break
     finite.check(where=f"epoch {epoch}")
     if info.device.type == "cuda":

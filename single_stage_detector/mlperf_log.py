@@ -16,7 +16,11 @@ from typing import Any, Mapping
 from mlperf_logging.mllog.mllog import MLLogger
 from mlperf_logging.mllog import constants as C
 
-__all__ = ["MLPerfLogger", "C", "HYPERPARAMETER_KEYS", "move_aside"]
+__all__ = ["MLPerfLogger", "C", "HYPERPARAMETER_KEYS", "RESUMED_KEY", "move_aside"]
+
+# Not an MLPerf key: marks where a run resumed from a checkpoint appends to its log. A log
+# holding it is not a valid timed result (the rules time one uninterrupted run).
+RESUMED_KEY = "run_resumed"
 
 # Keys the 0.7.0-1.1.0 SSD rules want exactly once per log.
 _EXACTLY_ONCE = {
@@ -51,6 +55,11 @@ class _FlushingFileHandler(logging.FileHandler):
     def emit(self, record: logging.LogRecord) -> None:
         super().emit(record)
         self.flush()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # logging's default prints "--- Logging error ---" and goes on: a log that silently
+        # lost lines (full disk) must stop the run instead. Called inside emit's except block.
+        raise  # noqa: PLE0704
 
 
 def move_aside(path: Path) -> Path | None:

@@ -6,9 +6,12 @@ includes reading the dataset, training and every evaluation.
 """
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +21,8 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import __version__
-from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .checkpoint import (RESUME_DIR, RESUME_FORMAT, STORAGE_ERRNOS, OutputWriteError, load_checkpoint,
+                         prune_resume_checkpoints, resume_checkpoint_name, save_checkpoint, write_json)
 from .config import ConfigError, TrainConfig
 from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
@@ -28,9 +32,12 @@ from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast
 from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, train_one_epoch
 from .evaluation import CocoEvaluator, UndefinedAPError
 from .fast_path import compile_for_training, enable_cudnn_autotune, make_sgd
-from .mlperf_log import C, MLPerfLogger, move_aside
+from .mlperf_log import RESUMED_KEY, C, MLPerfLogger, move_aside
 from .models import build_model, count_parameters
 from .models.mlperf_names import mlperf_tensor_names
+from .resume import (capture_rank_state, check_output_writable, check_resume_matches, checkpoint_size_estimate,
+                     find_resume_checkpoint, gather_over_ranks, restore_rank_state)
+from .signals import StopSignals
 
 __all__ = ["RunResult", "run_training", "prepare_dataset_dir"]
 
@@ -49,6 +56,8 @@ class RunResult:
     world_size: int = 1
     device: str = "cpu"
     rank: int = 0
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT": stopped early with a resume checkpoint
+    resumed_from: str | None = None  # the checkpoint this run continued
 
 
 def prepare_dataset_dir(cfg: TrainConfig, info: DistInfo) -> None:
@@ -186,27 +195,64 @@ def run_training(cfg: TrainConfig) -> RunResult:
 
 
 def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
+    with StopSignals(announce=info.is_main) as stop:
+        return _run_with_signals(cfg, info, stop)
+
+
+def _meta_model_bytes(preset) -> int:
+    """The resume checkpoint size of ``preset``'s model, from a model on the meta device (no memory, no I/O)."""
+    with torch.device("meta"):
+        return checkpoint_size_estimate(build_model(preset))
+
+
+def _resume_position(resumed: tuple[Path, dict] | None) -> dict:
+    """Where the loop starts: completed epochs, steps into the next one, total steps, and the run's record so far."""
+    if resumed is None:
+        return {"epoch": 0, "step_in_epoch": 0, "step": 0, "evaluations": [], "skipped": 0, "ap": float("nan")}
+    state = resumed[1]["resume"]
+    return {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"], "step": state["step"],
+            "evaluations": list(state.get("evaluations", [])), "skipped": int(state.get("skipped", 0)),
+            "ap": float(resumed[1].get("ap", float("nan")))}
+
+
+def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> RunResult:
     from .models import get_preset
 
     say = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
     preset = get_preset(cfg.preset)
     division = cfg.resolved_division(preset.is_benchmark)
     cfg.validate(closed=division == "closed")
+    # Before anything is logged: a read-only or full output folder is a one-line error.
+    check_output_writable(cfg, _meta_model_bytes(preset))
+    resumed = find_resume_checkpoint(cfg, info)  # collective; ConfigError naming a bad file
+    if resumed is not None:
+        check_resume_matches(cfg, resumed[0], resumed[1], preset.name, info)
+    position = _resume_position(resumed)
 
     log_file = cfg.resolved_log_file()
-    mlog = MLPerfLogger(log_file, rank=info.rank)
+    # A resumed run continues its log (marked below) rather than starting a new one.
+    mlog = MLPerfLogger(log_file, rank=info.rank, keep_existing=resumed is None)
     if mlog.previous_log is not None:
         say(f"note: the log of an earlier run at {log_file} was kept as {mlog.previous_log}")
-    if info.is_main:
+    if info.is_main and resumed is None:
         move_aside(Path(cfg.resolved_metrics_file()))  # one run per metrics file too
     metrics = MetricsWriter(cfg.resolved_metrics_file(), enabled=info.is_main, tensorboard_dir=cfg.tensorboard_dir)
-    mlog.event(C.CACHE_CLEAR, cfg.cache_cleared)
-    mlog.start(C.INIT_START)
-
-    mlog.submission_info(benchmark=C.SSD, org=cfg.submission_org, division=division,
-                         status=cfg.submission_status, platform=cfg.submission_platform or _platform_name(info))
-    seed = broadcast_seed(cfg.seed, info)
-    mlog.event(C.SEED, seed)
+    if resumed is not None:
+        # Not an MLPerf key: the checkers (and check-logs) must see that this log is two runs' pieces.
+        mlog.event(RESUMED_KEY, str(resumed[0]),
+                   metadata={C.EPOCH_NUM: position["epoch"], "step": position["step"],
+                             "note": "resumed from a checkpoint: not a valid timed result"})
+        say(f"resuming {resumed[0]}: {position['epoch']} epoch(s) and {position['step_in_epoch']} step(s) done, "
+            f"step {position['step']} of the LR schedule")
+    else:
+        mlog.event(C.CACHE_CLEAR, cfg.cache_cleared)
+        mlog.start(C.INIT_START)
+        mlog.submission_info(benchmark=C.SSD, org=cfg.submission_org, division=division,
+                             status=cfg.submission_status,
+                             platform=cfg.submission_platform or _platform_name(info))
+    seed = resumed[1]["resume"]["seed"] if resumed is not None else broadcast_seed(cfg.seed, info)
+    if resumed is None:
+        mlog.event(C.SEED, seed)
     # Same model init on every rank; data order/augmentation differ by rank through the loaders.
     seed_everything(seed)
 
@@ -219,23 +265,33 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     optimizer = make_sgd(detector.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                          device=info.device)  # fused on CUDA
     scaler = torch.amp.GradScaler(info.device.type) if amp.needs_scaler else None
+    if resumed is not None:
+        # After the DDP wrapper's broadcast of rank 0's state: each rank then gets its own buffers back.
+        ckpt = resumed[1]
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
 
-    mlog.hyperparameters({
-        C.GLOBAL_BATCH_SIZE: global_batch,
-        C.OPT_BASE_LR: lr,
-        C.OPT_WEIGHT_DECAY: cfg.weight_decay,
-        C.MODEL_BN_SPAN: cfg.resolved_bn_span(),
-        C.OPT_LR_WARMUP_STEPS: cfg.warmup_steps,
-        C.OPT_LR_WARMUP_FACTOR: int(cfg.warmup_factor),  # an integer in the rules (logged 1, not 1.0)
-        C.MAX_SAMPLES: cfg.max_samples,
-        C.OPT_LR_DECAY_BOUNDARY_EPOCHS: list(cfg.lr_decay_epochs),
-        C.GRADIENT_ACCUMULATION_STEPS: cfg.gradient_accumulation_steps,
-    })
-    if preset.is_benchmark:
-        mlog.weights_initialization(list(mlperf_tensor_names(model).values()))
+    if resumed is None:
+        mlog.hyperparameters({
+            C.GLOBAL_BATCH_SIZE: global_batch,
+            C.OPT_BASE_LR: lr,
+            C.OPT_WEIGHT_DECAY: cfg.weight_decay,
+            C.MODEL_BN_SPAN: cfg.resolved_bn_span(),
+            C.OPT_LR_WARMUP_STEPS: cfg.warmup_steps,
+            C.OPT_LR_WARMUP_FACTOR: int(cfg.warmup_factor),  # an integer in the rules (logged 1, not 1.0)
+            C.MAX_SAMPLES: cfg.max_samples,
+            C.OPT_LR_DECAY_BOUNDARY_EPOCHS: list(cfg.lr_decay_epochs),
+            C.GRADIENT_ACCUMULATION_STEPS: cfg.gradient_accumulation_steps,
+        })
+        if preset.is_benchmark:
+            mlog.weights_initialization(list(mlperf_tensor_names(model).values()))
 
     derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, eval_amp, channels_last, model,
                                 log_file)
+    if resumed is not None:
+        derived["resumed_from"] = str(resumed[0])
     if info.is_main:
         write_json(_resolved_config(cfg, derived), os.path.join(cfg.output_dir, "config.json"))
     say(f"preset {preset.name}: {count_parameters(model) / 1e6:.2f} M parameters, input {preset.input_size}, "
@@ -243,24 +299,71 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
         f"amp {derived['amp']} (eval {derived['eval_amp']}), global batch {global_batch}, lr {lr:.4g}, "
         f"division {division}")
 
-    mlog.end(C.INIT_STOP)
+    if resumed is None:
+        mlog.end(C.INIT_STOP)
     barrier()
-    mlog.start(C.RUN_START)
+    if resumed is None:
+        mlog.start(C.RUN_START)
     run_start = time.time()
     status = "aborted"
-    epochs_done = 0
-    last_ap = float("nan")
-    evaluations: list[dict] = []
-    skipped = 0
+    epochs_done = position["epoch"]
+    last_ap = position["ap"]
+    evaluations: list[dict] = position["evaluations"]
+    skipped = position["skipped"]
     data = None
-    step = 0
+    step = position["step"]
+    step_in_epoch = position["step_in_epoch"]
+    stopped_by: str | None = None
+
+    def agreed_stop(steps_in_epoch: int | None = None) -> bool:
+        """Whether every rank should stop here. One process: the signal flag (a Python bool).
+        Several: the flag of any rank, all-reduced every --log-every steps (where the loss
+        print syncs anyway) and between epochs, so that all ranks stop at the same step."""
+        if not info.distributed:
+            return stop.requested
+        if steps_in_epoch is not None and steps_in_epoch % cfg.log_every != 0:
+            return False
+        return sum_over_ranks(int(stop.requested), info) > 0
+
+    def save_resume(epoch_done: int, in_epoch: int, data_backend: str) -> None:
+        """The resume checkpoint at this position (collective: every rank's state goes to rank 0)."""
+        ranks = gather_over_ranks(capture_rank_state(model, info.device), info)
+        error: BaseException | None = None
+        if info.is_main:
+            path = Path(cfg.output_dir) / RESUME_DIR / resume_checkpoint_name(epoch_done, step)
+            try:
+                save_checkpoint({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": None,  # the harness keeps no EMA of the weights
+                    "epoch": epoch_done, "step": step, "preset": preset.name, "config": _config_to_save(cfg),
+                    "ap": last_ap,
+                    "resume": {"format": RESUME_FORMAT, "epoch": epoch_done, "step_in_epoch": in_epoch,
+                               "step": step, "seed": seed, "world_size": info.world_size,
+                               "lr": schedule(step), "data": {"backend": data_backend, "epoch": epoch_done + 1,
+                                                              "batch": in_epoch * cfg.gradient_accumulation_steps},
+                               "ranks": ranks, "skipped": skipped,
+                               # plain floats (no numpy scalars), as weights-only loading wants
+                               "evaluations": json.loads(json.dumps(evaluations, default=float))},
+                }, path)
+                prune_resume_checkpoints(cfg.output_dir, cfg.keep_checkpoints)
+                say(f"checkpoint {path}")
+            except OutputWriteError as e:
+                error = e
+        # Every rank learns whether the file is complete before going on (or stopping).
+        if broadcast_float(0.0 if error is not None else 1.0, info) == 0.0:
+            if error is not None:
+                raise error
+            raise OutputWriteError(errno.EIO, "rank 0 could not write the checkpoint (see its error)")
+
     try:
         # -- data (inside the timed region, as the rules require) --------------------------
         prepare_dataset_dir(cfg, info)
         data = build_data_pipeline(cfg, input_size=preset.input_size, seed=seed, rank=info.rank,
                                    world_size=info.world_size, device=info.device)
-        mlog.event(C.TRAIN_SAMPLES, data.train_samples)
-        mlog.event(C.EVAL_SAMPLES, data.eval_samples)
+        if resumed is None:
+            mlog.event(C.TRAIN_SAMPLES, data.train_samples)
+            mlog.event(C.EVAL_SAMPLES, data.eval_samples)
         evaluator = CocoEvaluator(data.val_annotation_file) if info.is_main else None
         _check_val_has_ground_truth(data, evaluator, info)
         label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
@@ -270,12 +373,24 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
         if global_batch > data.train_samples and not cfg.eval_only:  # --eval-only trains nothing
             raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes x accumulation "
                               f"{cfg.gradient_accumulation_steps} exceeds the {data.train_samples} training images")
+        if resumed is not None:
+            saved_steps = resumed[1]["resume"]["step"] - resumed[1]["resume"]["step_in_epoch"]
+            if saved_steps != position["epoch"] * steps_per_epoch:
+                raise ConfigError(f"--resume: {resumed[0]} was written with another dataset ({saved_steps} steps "
+                                  f"in {position['epoch']} epoch(s); this one has {steps_per_epoch} steps/epoch)")
+            if resumed[1]["resume"]["data"]["backend"] != data.backend:
+                raise ConfigError(f"--resume: {resumed[0]} was trained with --data-backend "
+                                  f"{resumed[1]['resume']['data']['backend']}, this run reads with {data.backend}")
         schedule = LRSchedule(lr, cfg.warmup_steps, cfg.warmup_factor, tuple(cfg.lr_decay_epochs),
                               cfg.lr_decay_factor, steps_per_epoch)
         eval_epochs = set(cfg.evaluation_epochs())
         say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
             f"val: {data.eval_samples} images; "
             f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}")
+        if resumed is not None:
+            # Last: everything above may draw random numbers; the uninterrupted run was here.
+            restore_rank_state(resumed[1]["resume"]["ranks"][info.rank], model, info.device)
+            resumed = (resumed[0], {"resume": resumed[1]["resume"]})  # drop the tensors we no longer need
 
         if cfg.eval_only:
             # No training: one evaluation of the initial (--init-checkpoint) weights, epoch_num 0.
@@ -283,17 +398,29 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
                                                  channels_last, mlog, metrics, run_start, say, cfg)
             evaluations.append(record_)
             status = "success" if last_ap >= cfg.threshold else "aborted"
-        for epoch in range(1, 0 if cfg.eval_only else cfg.epochs + 1):
+        for epoch in range(epochs_done + 1, 0 if cfg.eval_only else cfg.epochs + 1):
+            if agreed_stop():
+                stopped_by = stop.name or "signal"
+                save_resume(epochs_done, step_in_epoch, data.backend)
+                break
             mlog.start(C.EPOCH_START, metadata={C.EPOCH_NUM: epoch})
-            data.set_epoch(epoch)
+            data.set_epoch(epoch, start_batch=step_in_epoch * cfg.gradient_accumulation_steps)
             stats = train_one_epoch(train_module, optimizer, data.train, epoch=epoch, num_epochs=cfg.epochs,
                                     start_step=step, schedule=schedule, amp=amp, scaler=scaler, info=info,
                                     accumulation_steps=cfg.gradient_accumulation_steps,
                                     channels_last=channels_last, log_every=cfg.log_every, metrics=metrics,
                                     steps_per_epoch=steps_per_epoch, epoch_samples=data.train_samples,
-                                    batch_size=cfg.batch_size)
+                                    batch_size=cfg.batch_size,
+                                    start_batch=step_in_epoch * cfg.gradient_accumulation_steps,
+                                    should_stop=agreed_stop)
             step += stats.steps
             skipped += stats.skipped_samples
+            if stats.stopped:
+                # Mid-epoch: no epoch_stop (the epoch is not over); the resumed run starts it again.
+                stopped_by = stop.name or "signal"
+                save_resume(epoch - 1, step_in_epoch + stats.steps, data.backend)
+                break
+            step_in_epoch = 0
             epochs_done = epoch
             mlog.end(C.EPOCH_STOP, metadata={C.EPOCH_NUM: epoch})
             trained = sum_over_ranks(stats.images, info)  # every image once per epoch: == train_samples
@@ -301,36 +428,48 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
                 f"{stats.seconds:.1f} s")
             metrics.write(kind="epoch", epoch=epoch, seconds=stats.seconds, images=trained,
                           images_per_s=trained / max(stats.seconds, 1e-9))
-            if epoch not in eval_epochs:
-                continue
-            ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, eval_amp, info,
-                                            channels_last, mlog, metrics, run_start, say, cfg)
-            last_ap = ap
-            evaluations.append(record_)
-            if ap >= cfg.threshold:
-                status = "success"
-                break
-    except BaseException:
-        mlog.end(C.RUN_STOP, metadata={C.STATUS: C.ABORTED, C.EPOCH_NUM: epochs_done})
+            if epoch in eval_epochs:
+                ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, eval_amp, info,
+                                                channels_last, mlog, metrics, run_start, say, cfg)
+                last_ap = ap
+                evaluations.append(record_)
+                if ap >= cfg.threshold:
+                    status = "success"
+                    break
+            if cfg.save_checkpoint and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
+                    and epoch < cfg.epochs:  # the last epoch's checkpoint is written after run_stop
+                save_resume(epoch, 0, data.backend)
+    except BaseException as e:
+        try:
+            mlog.end(C.RUN_STOP, metadata={C.STATUS: C.ABORTED, C.EPOCH_NUM: epochs_done})
+        except OSError as log_error:  # the log's own disk refuses: say so, keep the first error
+            print(f"error: could not append run_stop to {log_file}: {log_error}", file=sys.stderr, flush=True)
         mlog.close()
         metrics.close()
         if data is not None:
             data.close()
+        if isinstance(e, OSError) and not isinstance(e, OutputWriteError) and e.errno in STORAGE_ERRNOS:
+            raise OutputWriteError(e.errno, f"cannot write the run's outputs: {e}") from e
         raise
     mlog.end(C.RUN_STOP, metadata={C.STATUS: status, C.EPOCH_NUM: epochs_done})
     time_to_train = time.time() - run_start
     mlog.close()
     metrics.close()
+    backend = data.backend
     data.close()  # stop loader workers / DALI pipelines before writing the checkpoint
 
-    if cfg.save_checkpoint and info.distributed:
+    if cfg.save_checkpoint and stopped_by is None and not cfg.eval_only:
+        # The end of the run as a resume point too (before BN statistics are averaged below):
+        # `--epochs` can be raised and the run continued with --resume.
+        save_resume(epochs_done, step_in_epoch, backend)  # mid-epoch only when no epoch ran here
+    if cfg.save_checkpoint and info.distributed and stopped_by is None:
         average_batch_norm_stats(detector)  # the saved model is the one all ranks evaluate (collective)
-    if cfg.save_checkpoint and info.is_main:
+    if cfg.save_checkpoint and info.is_main and stopped_by is None:
         save_checkpoint({
             "model": detector.model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epochs_done, "step": step, "preset": preset.name,
-            "config": cfg.to_dict(), "ap": last_ap,
+            "config": _config_to_save(cfg), "ap": last_ap,
         }, os.path.join(cfg.output_dir, "checkpoint.pt"))
 
     barrier()  # no rank leaves (and tears down the process group) while rank 0 still writes
@@ -338,10 +477,20 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     result = RunResult(status=status, epochs=epochs_done, ap=last_ap, time_to_train_s=time_to_train,
                        log_file=log_file, output_dir=cfg.output_dir, evaluations=evaluations,
                        skipped_samples=skipped, dataset_stats=dataset_stats, world_size=info.world_size,
-                       device=str(info.device), rank=info.rank)
+                       device=str(info.device), rank=info.rank, stopped_by=stopped_by,
+                       resumed_from=str(resumed[0]) if resumed is not None else None)
     if info.is_main:
         write_json({k: v for k, v in result.__dict__.items()}, os.path.join(cfg.output_dir, "result.json"))
     return result
+
+
+def _config_to_save(cfg: TrainConfig) -> dict:
+    """The run's flags as a checkpoint records them: ``data_dir`` absolute, so that a checkpoint
+    read from another working folder still finds its dataset."""
+    d = cfg.to_dict()
+    if d.get("data_dir"):
+        d["data_dir"] = os.path.abspath(d["data_dir"])
+    return d
 
 
 def _check_val_has_ground_truth(data, evaluator: CocoEvaluator | None, info: DistInfo) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from single_stage_detector.data.coco import (
     labels_to_coco_ids,
 )
 from single_stage_detector.data.loader import (
+    EpochBatchSampler,
+    SampleIndex,
     StridedShardSampler,
     build_eval_loader,
     build_train_loader,
@@ -509,6 +512,27 @@ def test_train_loader_augmentation_reproducible_with_workers():
     assert a == b and a != c
     assert len(set(a)) == len(a)  # workers and epochs draw different numbers
     assert noises(5, 0) == noises(5, 0)
+
+
+def test_sampler_resumes_mid_epoch_and_augmentation_does_not_depend_on_workers():
+    sampler = EpochBatchSampler(10, 2, seed=3, sample_seeds=True)
+    sampler.set_epoch(2)
+    epoch = list(sampler)
+    sampler.set_epoch(2, start_batch=3)  # a run resumed after 3 steps of epoch 2
+    assert list(sampler) == epoch[3:] and len(sampler) == 5
+    seeds = [i.seed for batch in epoch for i in batch]
+    assert len(set(seeds)) == 10
+    index = pickle.loads(pickle.dumps(epoch[0][0]))  # as sent to a worker process
+    assert isinstance(index, SampleIndex) and (int(index), index.seed) == (int(epoch[0][0]), epoch[0][0].seed)
+
+    ds = _ToyDataset(12)
+
+    def noises(workers: int) -> list[float]:
+        loader = build_train_loader(ds, 4, num_workers=workers, seed=7, persistent_workers=False)
+        loader.batch_sampler.set_epoch(1)
+        return [float(v) for b in loader for v in b.images[:, 0, 0, 0]]
+
+    assert noises(0) == noises(2)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

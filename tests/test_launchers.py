@@ -518,6 +518,30 @@ def echo_python(tmp_path):
     return str(fake)
 
 
+def test_run_and_time_passes_sigterm_on_and_waits_for_the_clean_stop(tmp_path):
+    """`docker stop` signals only the script: the trainer gets the SIGTERM, and its status is the script's."""
+    fake = tmp_path / "python"
+    fake.write_text(textwrap.dedent("""\
+        #!/bin/bash
+        trap 'sleep 0.5; echo "trainer stopped cleanly"; exit 5' TERM
+        echo "trainer started"
+        while :; do sleep 0.1; done
+        """))
+    fake.chmod(0o755)
+    script = (f'set -a; . "{REPO / "configs" / "config_CPU.sh"}"; set +a; '
+              f'exec "{REPO / "scripts" / "run_and_time.sh"}"')
+    env = clean_env(DATADIR=str(tmp_path / "data"), LOGDIR=str(tmp_path / "logs"), RUN_NAME="r1", PYTHON=str(fake))
+    proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if "trainer started" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, out + err
+    assert "trainer stopped cleanly" in out and "stopped by a signal after writing a checkpoint" in err
+
+
 def test_run_and_time_launch_modes(tmp_path, echo_python):
     # One node, 8 GPUs: torchrun, one process per GPU.
     proc = _run_and_time(tmp_path, config="config_DGXA100.sh", PYTHON=echo_python)
@@ -573,6 +597,7 @@ def test_run_sub_with_fake_slurm(tmp_path):
     train = lines[1]
     assert "--ntasks=64 --ntasks-per-node=8" in train and "--container-image=registry#ssd:v1" in train
     assert "--gpus-per-node=8" in train and "--gpus-per-node" not in lines[0]  # GPUs for training only
+    assert "--kill-on-bad-exit=1" in train  # one dead task ends the step, not the collective timeout
     assert f"--container-mounts={tmp_path / 'data'}:/data,{tmp_path / 'logs'}:/results" in train
     assert "RUN_NAME=d_1" in train and "CLEAR_CACHES=1" in train and "RUN_NAME=d_2" in lines[3]
     assert train.endswith("/workspace/ssd/scripts/run_and_time.sh")

@@ -388,10 +388,13 @@ class DaliTrainLoader(_DaliLoaderBase):
         box_encoder: ``"boxcoder"`` (reference matching, default) or ``"dali"`` (``fn.box_encoder``).
         fp16: images as float16 (GPU graph under mixed precision); else float32.
 
-    Epochs: the reader permutes the whole dataset after each of its epochs (seeded), so
-    epoch k of a run is the same for the same seed. :meth:`set_epoch` with the next epoch
-    number is what the trainer calls; asking for another epoch rebuilds the pipeline with
-    seeds derived from (seed, epoch).
+    Epochs: epoch 1 reads the pipeline built here; :meth:`set_epoch` builds a new
+    pipeline for every later epoch, its file order and augmentation seeds derived from
+    (seed, epoch) only. So epoch k is the same whether the run got there epoch by epoch or
+    was resumed from a checkpoint (the DALI reader's own reshuffling state cannot be saved
+    or restored). ``set_epoch(k, start_batch=b)`` then reads and drops the first ``b``
+    batches, which restores a position inside an epoch exactly (at the cost of decoding
+    them once more).
     """
 
     def __init__(self, image_dir: str | Path, annotation_file: str | Path, files: Sequence[str], *, batch_size: int,
@@ -423,6 +426,8 @@ class DaliTrainLoader(_DaliLoaderBase):
             self._coder = BoxCoder(default_boxes.float()).to(
                 torch.device("cuda", device_id) if device_id is not None else "cpu")
         self._epoch = 0  # last epoch started (1-based); 0 = none yet
+        self._skip = 0  # batches to read and drop at the start of the next iteration (resume)
+        self._fresh = True  # the pipeline has not been read since it was built (for epoch 1)
         self._build(epoch_seed=None)
 
     def _build(self, epoch_seed: int | None) -> None:
@@ -442,23 +447,31 @@ class DaliTrainLoader(_DaliLoaderBase):
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        """Prepare epoch ``epoch`` (1-based): finish the previous one; rebuild if not the next in sequence."""
-        self._finish_epoch()
-        if epoch != self._epoch + 1:
-            self._build(epoch_seed=epoch)
-        self._epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Prepare epoch ``epoch`` (1-based) from its ``start_batch``-th batch: a pipeline seeded
+        from (seed, epoch), the one built at construction for epoch 1 if still unread."""
+        if epoch < 1 or not 0 <= start_batch <= self.steps:
+            raise ValueError(f"need epoch >= 1 and 0 <= start_batch <= {self.steps}, got {epoch}, {start_batch}")
+        if not (epoch == 1 and self._fresh):
+            self._in_epoch = False  # the old pipeline is dropped: no need to drain it
+            self._build(epoch_seed=None if epoch == 1 else epoch)
+        self._fresh = False
+        self._epoch, self._skip = epoch, start_batch
 
     def __iter__(self) -> Iterator[DetectionBatch]:
         self._finish_epoch()  # a previous iteration that stopped early
+        self._fresh = False
         self._in_epoch = True
         exhausted = False
-        for _ in range(self.steps):
+        skip, self._skip = self._skip, 0
+        for i in range(self.steps):
             if not exhausted:
                 try:
                     data = next(self._it)[0]
                 except StopIteration:
                     exhausted = True
+            if i < skip:
+                continue  # read and dropped: the batches a resumed run already trained on
             if exhausted:
                 # This rank's shard is one image shorter than the largest and ran out one step
                 # early: an empty batch keeps it in step (as the torch sampler does).

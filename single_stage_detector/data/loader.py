@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import signal
 from typing import Iterator, Sequence, Sized
 
 import numpy as np
@@ -29,6 +30,8 @@ __all__ = [
     "EpochBatchSampler",
     "mix_seed",
     "seed_worker",
+    "SampleIndex",
+    "SeededSamples",
     "build_train_loader",
     "build_eval_loader",
 ]
@@ -88,20 +91,29 @@ class EpochBatchSampler(Sampler[list[int]]):
     be smaller than ``batch_size``, and when it holds fewer than ``world_size`` images some
     ranks get an empty batch there (the trainer keeps such a rank in step without
     training on anything, see ``engine.train_one_epoch``).
+
+    ``set_epoch(e, start_batch=k)`` skips the first ``k`` batches of epoch ``e`` (a run
+    resumed mid-epoch); ``len()`` stays the whole epoch's. With ``sample_seeds`` every index
+    is yielded as a :class:`SampleIndex` carrying the seed of that sample's augmentation in
+    that epoch, drawn from ``(seed, epoch, index)``.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, sample_seeds: bool = False) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.sample_seeds = sample_seeds
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         return math.ceil(self.n / (self.batch_size * self.world_size))
@@ -113,14 +125,68 @@ class EpochBatchSampler(Sampler[list[int]]):
         else:
             order = list(range(self.n))
         step = self.batch_size * self.world_size
-        for start in range(0, self.n, step):
-            yield order[start:start + step][self.rank::self.world_size]
+        for start in range(self.start_batch * step, self.n, step):
+            batch = order[start:start + step][self.rank::self.world_size]
+            if self.sample_seeds:
+                batch = [SampleIndex(i, mix_seed(self.seed, self.epoch, i, 0xA06)) for i in batch]
+            yield batch
+
+
+class SampleIndex(int):
+    """A dataset index (an ``int``) that also carries the seed of the sample's augmentation.
+
+    The seed travels with the index to whichever worker process loads the sample, so the
+    augmentation of a sample depends on (run seed, epoch, index) only: not on the number
+    of workers, on which worker loads it, or on what that worker loaded before. That is
+    what lets a run resume exactly, even mid-epoch.
+    """
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> "SampleIndex":
+        obj = super().__new__(cls, index)
+        obj.seed = int(seed)
+        return obj
+
+    def __reduce__(self):
+        return SampleIndex, (int(self), self.seed)
+
+
+class SeededSamples(Dataset):
+    """``dataset[i]`` after seeding the RNGs the transforms draw from (``random`` and numpy's
+    global RNG) with ``i.seed`` when ``i`` is a :class:`SampleIndex`; plain ints pass through."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        seed = getattr(index, "seed", None)
+        if seed is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        return self.dataset[int(index)]
+
+    def __getattr__(self, name: str):  # the wrapped dataset's attributes (annotation_file, stats, ...)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed derived from ``parts`` (numpy's SeedSequence hashing, so nearby inputs decorrelate)."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
                >> np.uint64(1))
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a loader worker: leave SIGINT / SIGTERM to the training process, which stops at a step
+    boundary and then shuts its workers down (a terminal's Ctrl-C or SLURM signal every process
+    of the job, and a worker that died of it would fail the batch the trainer is waiting for)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
@@ -131,6 +197,7 @@ def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
     ``rank``), so it changes with every non-persistent epoch iterator yet reproducibly.
     The transforms draw from numpy's global RNG.
     """
+    ignore_stop_signals()
     s = mix_seed(seed, rank, worker_id, torch.initial_seed())
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -152,22 +219,19 @@ def build_train_loader(
     """Shuffled, sharded training loader of :class:`DetectionBatch` (``batch_size`` per rank).
 
     Call ``loader.batch_sampler.set_epoch(epoch)`` at every epoch start. Every image is
-    trained on once per epoch (see :class:`EpochBatchSampler` for the last batch). With
-    ``num_workers=0`` the calling process's numpy global RNG (the one the transforms use)
-    is seeded here, so augmentation stays reproducible.
+    trained on once per epoch (see :class:`EpochBatchSampler` for the last batch). Each
+    sample's augmentation is seeded from (seed, epoch, index) (:class:`SampleIndex`), so it
+    is the same with any ``num_workers`` and after a resume.
     """
-    batch_sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
+    batch_sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                      sample_seeds=True)
     generator = torch.Generator().manual_seed(mix_seed(seed, rank, 0x5EED))
     init_fn = functools.partial(seed_worker, seed=seed, rank=rank)
-    if num_workers == 0:
-        # Augmentation then runs here and draws from numpy's global RNG (only that one is
-        # reseeded, so the caller's torch RNG stream is left alone).
-        np.random.seed(mix_seed(seed, rank, 0) % 2**32)
     kwargs = {}
     if num_workers > 0 and prefetch_factor is not None:
         kwargs["prefetch_factor"] = prefetch_factor
     return DataLoader(
-        dataset,
+        SeededSamples(dataset),
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate_detection,
@@ -198,5 +262,6 @@ def build_eval_loader(
         collate_fn=collate_detection,
         pin_memory=pin_memory,
         drop_last=False,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         persistent_workers=persistent_workers and num_workers > 0,
     )

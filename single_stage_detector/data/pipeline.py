@@ -44,15 +44,22 @@ class DataPipeline:
     stats: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None  # files the pipeline wrote for this run (DALI's reader annotations)
 
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.train, "set_epoch"):  # DALI: finish the previous reader epoch (reshuffles)
-            self.train.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Position ``train`` at batch ``start_batch`` (0-based, per rank) of epoch ``epoch`` (1-based).
+
+        The position is all the state a backend has: batches and augmentation are functions
+        of (seed, epoch, position), so this is also how a resumed run restores it.
+        """
+        if hasattr(self.train, "set_epoch"):  # DALI: a pipeline for this epoch
+            self.train.set_epoch(epoch, start_batch)
             return
         for name in ("batch_sampler", "sampler"):
             sampler = getattr(self.train, name, None)
             if sampler is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+                sampler.set_epoch(epoch, start_batch)
                 return
+        if start_batch:
+            raise ValueError(f"the {self.backend} pipeline cannot start an epoch at batch {start_batch}")
 
     def close(self) -> None:
         """Release the backend's workers / pipelines (DALI threads and buffers). Safe to call twice."""

@@ -7,10 +7,10 @@ per pixel in Python.
 
 Randomness: every random draw goes through ``rng``, an object with numpy's
 ``random(size)`` and ``permutation(n)`` methods (a ``np.random.Generator`` or
-``np.random.RandomState``). When none is given, numpy's global RNG is used; the
-PyTorch DataLoader seeds it in every worker, and ``loader.build_train_loader`` reseeds
-it from (seed, rank, worker id), so augmentation is reproducible per seed and differs
-between workers.
+``np.random.RandomState``). When none is given, numpy's global RNG is used; the training
+loader (``loader.build_train_loader``) reseeds it before every sample from (seed, epoch,
+sample index), so augmentation is reproducible per seed, differs between samples and
+epochs, and does not depend on the worker that loads a sample.
 """
 from __future__ import annotations
 

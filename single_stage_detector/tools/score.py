@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..compliance import RCP_VERSION, check_rcp, read_log, require_logs
+from ..mlperf_log import RESUMED_KEY
 
 RUNS_PER_SCORE = 5  # SSD: 5 runs, olympic mean (SPEC.md section 8)
 # Logged settings that must agree for runs to be scored together (one configuration).
@@ -45,6 +46,8 @@ def summarize_run(log_file) -> RunSummary:
 
     start, stop = first("run_start"), first("run_stop")
     status = "incomplete" if stop is None else str(stop.metadata.get("status", "missing"))
+    if any(r.key == RESUMED_KEY for r in records):
+        status = "resumed"  # two runs' pieces: no time to train (not converged for the score)
     evals = [r for r in records if r.key == "eval_accuracy"]
     before_stop = [r for r in evals if stop is None or r.time_ms <= stop.time_ms]
     converged = status == "success"
