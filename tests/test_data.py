@@ -561,3 +561,41 @@ def test_crop_handles_near_zero_width_box():
     crop = SSDCropping(50, rng=np.random.default_rng(0))
     window, keep = crop.sample_window(torch.tensor([[0.2, 0.2, 0.2 + 1e-7, 0.8]]))
     assert window is None or all(math.isfinite(v) for v in window.tolist())
+
+
+_WORKER_SIGNAL_SCRIPT = r"""
+import os, signal, sys, time
+from single_stage_detector.data.coco import CocoDetection
+from single_stage_detector.data.loader import build_train_loader
+from single_stage_detector.data.transforms import SSDTrainTransform
+ds = CocoDetection(sys.argv[1], sys.argv[2], transform=SSDTrainTransform(32))
+loader = build_train_loader(ds, 2, num_workers=2, seed=0)
+it = iter(loader)
+next(it)
+workers = [w.pid for w in it._workers]
+os.kill(workers[0], signal.SIGTERM)  # as a job-wide SIGTERM reaches the workers: ignored
+os.kill(workers[1], signal.SIGINT)   # Ctrl-C of the terminal's process group: ignored
+time.sleep(1.0)
+next(it)  # both workers still serve batches
+print("alive", flush=True)
+# Leave with the iterator open: multiprocessing's exit handler terminates the workers
+# (SIGTERM from their parent), which must end them.
+"""
+
+
+def test_loader_workers_ignore_stop_signals_but_not_their_parent(small_coco, tmp_path):
+    """Workers leave SIGINT/SIGTERM to the trainer, yet the process still exits promptly
+    with a live iterator (its exit handler terminates the workers with SIGTERM)."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "workers.py"
+    script.write_text(_WORKER_SIGNAL_SCRIPT)
+    t0 = time.monotonic()
+    image_dir, ann = small_coco
+    proc = subprocess.run([sys.executable, str(script), str(image_dir), str(ann)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "alive" in proc.stdout
+    assert time.monotonic() - t0 < 60

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 import signal
+import threading
 from typing import Iterator, Sequence, Sized
 
 import numpy as np
@@ -182,11 +184,30 @@ def mix_seed(*parts: int) -> int:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """In a loader worker: leave SIGINT / SIGTERM to the training process, which stops at a step
-    boundary and then shuts its workers down (a terminal's Ctrl-C or SLURM signal every process
-    of the job, and a worker that died of it would fail the batch the trainer is waiting for)."""
+    """In a loader worker: leave SIGINT and a job-wide SIGTERM to the training process, which
+    stops at a step boundary and then shuts its workers down (a terminal's Ctrl-C or SLURM
+    signal every process of the job, and a worker that died of it would fail the batch the
+    trainer is waiting for).
+
+    A SIGTERM from the worker's own parent still ends it at once: that is how the DataLoader
+    and multiprocessing's exit handler stop workers, and ignoring it would hang the parent's
+    exit. The sender is read with ``sigwaitinfo`` in a helper thread (SIGTERM is blocked in
+    the worker's main thread, so only that thread receives it).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not POSIX: plain ignore
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_term() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_term, name="sigterm-from-parent", daemon=True).start()
 
 
 def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
