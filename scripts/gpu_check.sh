@@ -15,6 +15,11 @@
 # step failed, naming it), or 2 when the installation failed.
 set -euo pipefail
 
+# -h: the header above, nothing else done.
+case "${1:-}" in
+    -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+esac
+
 die() { printf 'gpu_check.sh: error: %s\n' "$*" >&2; exit 2; }
 
 # unpack_wheels NAME...: the wheel of each distribution NAME from WHEELHOUSE, unpacked into

@@ -16,6 +16,11 @@
 # PIP: the pip command (default: .venv/bin/python -m pip if present, else python3 -m pip).
 set -euo pipefail
 
+# -h: the header above, nothing else done.
+case "${1:-}" in
+    -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+esac
+
 die() { printf 'make_wheelhouse.sh: error: %s\n' "$*" >&2; exit 2; }
 
 dest="${1:?usage: make_wheelhouse.sh DEST PY_VERSION}"

@@ -62,11 +62,15 @@ PLAN = {
     "python -m single_stage_detector benchmark --parts data --data-backends torch dali --num-workers 8": (
         "run", BENCH_SHORT, 0),
     "python -m single_stage_detector benchmark --parts components": ("run", BENCH_SHORT, 0),
+    "python -m single_stage_detector benchmark --parts data --photos --num-workers 2": ("run", BENCH_SHORT, 0),
+    "make wheelhouse PY=3.12": ("skip", "internet: downloads wheels"),
+    "WHEELHOUSE=wheelhouse make gpu-check OUT=output/gpu_check": (
+        "skip", "needs the wheel folder of make wheelhouse; the check runs on the CPU in tests/test_gpu_check.py"),
 }
 
 SCRIPTS = ["setup.sh", "init_datasets.sh", "run_with_docker.sh", "run.sub", "scripts/run_and_time.sh",
            "scripts/get_resnet34_backbone.sh", "scripts/prepare-json.py", "scripts/torch_to_numpy.py",
-           "scripts/verify_dataset.py"]
+           "scripts/verify_dataset.py", "scripts/gpu_check.sh", "scripts/make_wheelhouse.sh"]
 
 
 def readme_commands(text: str) -> list[str]:
