@@ -60,7 +60,7 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photos", action="store_true",
                    help="time the data part on real photographs: scikit-image's sample photos cropped and "
                         "re-encoded as 640-pixel COCO-like JPEGs with COCO-like boxes (needs scikit-image)")
-    p.add_argument("--color-jitter", default="fused", choices=["fused", "torchvision"],
+    p.add_argument("--color-jitter", default="torchvision", choices=["torchvision", "fused"],
                    help="colour jitter of the torch data pipeline (as train --color-jitter)")
     p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="data part: DataLoader workers / DALI threads")

@@ -48,7 +48,7 @@ def test_data_part_on_real_photos_through_both_backends(tmp_path):
     out = proc.stdout
     assert "real photographs" in out and "from scikit-image" in out
     rows = [ln for ln in out.splitlines() if re.search(r"\s2\s+[\d.]+\s+[\d.]+$", ln)]
-    assert any("torch, 1 workers, fused jitter) + encoding" in ln for ln in rows), out
+    assert any("torch, 1 workers, torchvision jitter) + encoding" in ln for ln in rows), out
     from single_stage_detector.data.dali import dali_import_error
     if dali_import_error() is None:
         assert any("dali cpu, 1 threads) + encoding" in ln for ln in rows), out
