@@ -6,7 +6,6 @@ import json
 import re
 
 from ..compliance import check_log, crash_line, default_ruleset, is_mlperf_log, read_log, require_logs
-from ..mlperf_log import RESUMED_KEY
 
 RULESETS = ("0.7.0", "1.0.0", "1.1.0")  # the training rulesets under which "ssd" is SSD300-ResNet34
 
@@ -57,6 +56,8 @@ def add_parser(sub) -> None:
 
 def resumed_reason(log) -> str | None:
     """Why a log continued by ``--resume`` is no timed result (None for a log of one run)."""
+    from ..mlperf_log import RESUMED_KEY  # here: it loads mlperf_logging, too slow for `--help`
+
     marks = [r for r in read_log(log) if r.key == RESUMED_KEY]
     if not marks:
         return None

@@ -8,7 +8,6 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..compliance import RCP_VERSION, check_rcp, read_log, require_logs
-from ..mlperf_log import RESUMED_KEY
 
 RUNS_PER_SCORE = 5  # SSD: 5 runs, olympic mean (SPEC.md section 8)
 # Logged settings that must agree for runs to be scored together (one configuration).
@@ -39,6 +38,8 @@ class RunSummary:
 
 
 def summarize_run(log_file) -> RunSummary:
+    from ..mlperf_log import RESUMED_KEY  # here: it loads mlperf_logging, too slow for `--help`
+
     records = read_log(log_file)
 
     def first(key):
