@@ -10,9 +10,10 @@ views, all photographs of ordinary scenes):
 * each image is a random crop (50-100% of the area, aspect 3:4 to 16:9) of one of them,
   resized so that its longer side is 640 pixels (COCO 2017's usual size, 640x480 or
   640x427), possibly mirrored, and saved as a baseline JPEG at quality 90;
-* each image gets COCO-like boxes: a geometric number of boxes with mean 5.8 (the mean
-  of COCO 2017 training images), capped at 60, with COCO's spread of sizes, and random
-  COCO categories. The boxes are not the objects in the photo: the dataset measures
+* each image gets the benchmark's COCO-like boxes (``benchmark.coco_like_counts`` and
+  ``coco_like_boxes``: a geometric number of boxes averaging 5.8 over the split, the mean of
+  COCO 2017 training images, capped at 60, sides log-uniform over 2-90% of the image) and
+  random COCO categories. The boxes are not the objects in the photo: the dataset measures
   speed, not accuracy.
 
 ``scikit-image`` is needed only to build the dataset (``pip install scikit-image``, or the
@@ -34,8 +35,7 @@ __all__ = ["PHOTO_NAMES", "load_sample_photos", "make_photo_coco", "ensure_photo
 
 # The colour photographs of ordinary scenes among scikit-image's bundled images.
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right")
-# Boxes per image: geometric with the mean of COCO 2017 training images, capped like the benchmark's.
-MEAN_BOXES = 5.8
+# The cap of ``benchmark.coco_like_counts``: at most this many boxes per image.
 MAX_BOXES = 60
 LONG_SIDE = 640
 JPEG_QUALITY = 90
@@ -58,18 +58,6 @@ def load_sample_photos() -> dict[str, np.ndarray]:
     for name in PHOTO_NAMES[:4]:
         photos[name] = getattr(skdata, name)()
     return {name: np.ascontiguousarray(photos[name][..., :3]) for name in PHOTO_NAMES}
-
-
-def _coco_like_boxes(rng: np.random.Generator, width: int, height: int) -> list[list[float]]:
-    """COCO-like boxes in pixels ``[x, y, w, h]``: count ~ geometric (mean 5.8, 1..60), sizes
-    log-uniform from 2% to 90% of the side (COCO's small/medium/large mix), inside the image."""
-    n = min(MAX_BOXES, int(rng.geometric(1.0 / MEAN_BOXES)))
-    side = np.exp(rng.uniform(math.log(0.02), math.log(0.9), size=(n, 2)))
-    side *= np.exp(rng.normal(0.0, 0.3, size=(n, 1))) ** np.array([1.0, -1.0])  # aspect spread
-    side = np.clip(side, 0.01, 1.0)
-    xy = rng.uniform(0.0, 1.0, size=(n, 2)) * (1.0 - side)
-    scale = np.array([width, height], dtype=np.float64)
-    return [[round(float(v), 2) for v in (*(xy[i] * scale), *(side[i] * scale))] for i in range(n)]
 
 
 def _render(rng: np.random.Generator, photo: np.ndarray) -> Image.Image:
@@ -100,6 +88,10 @@ def make_photo_coco(root: str | Path, num_images: int = 256, seed: int = 0,
     """
     if num_images < 1:
         raise DatasetError(f"num_images must be >= 1, got {num_images}")
+    import torch
+
+    from ..benchmark import coco_like_boxes, coco_like_counts
+
     photos = load_sample_photos()
     names = list(PHOTO_NAMES)
     root = Path(root)
@@ -108,6 +100,8 @@ def make_photo_coco(root: str | Path, num_images: int = 256, seed: int = 0,
     for s, split in enumerate(splits):
         (root / split).mkdir(parents=True, exist_ok=True)
         images, anns = [], []
+        gen = torch.Generator().manual_seed(seed * 1009 + s)
+        counts = coco_like_counts(num_images, gen, cap=MAX_BOXES)
         for i in range(num_images):
             rng = np.random.default_rng([seed, s, i])
             im = _render(rng, photos[names[i % len(names)]])
@@ -117,7 +111,9 @@ def make_photo_coco(root: str | Path, num_images: int = 256, seed: int = 0,
             im.save(path, quality=JPEG_QUALITY)
             total_bytes += path.stat().st_size
             images.append({"id": image_id, "file_name": file_name, "width": im.width, "height": im.height})
-            for box in _coco_like_boxes(rng, im.width, im.height):
+            size = torch.tensor([im.width, im.height, im.width, im.height], dtype=torch.float64)
+            for x1, y1, x2, y2 in (coco_like_boxes(counts[i], gen).double() * size).tolist():
+                box = [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
                 anns.append({"id": len(anns) + 1, "image_id": image_id, "bbox": box, "area": box[2] * box[3],
                              "iscrowd": 0, "category_id": int(cat_ids[int(rng.integers(len(cat_ids)))])})
         (root / "annotations").mkdir(parents=True, exist_ok=True)
