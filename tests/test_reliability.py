@@ -337,26 +337,27 @@ def _one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-@needs_tmpfs
-def test_read_only_output_folder_refused_before_anything_is_logged(coco, tmp_path):
+def _refused_in_tmpfs(coco, tmp_path, mount_options: str) -> str:
+    """A one-epoch run whose output folder is on a tmpfs mounted with ``mount_options``: it must be
+    refused with exit 2 before ``run_start``; returns its one error line."""
     train = " ".join(_cmd([*RUN, "--data-dir", str(coco), "--output-dir", '"$D/out"', "--epochs", "1",
                            "--eval-epochs", "1"]))
-    proc = _in_tmpfs(f"exec {train}", "ro,size=1m", tmp_path)
+    proc = _in_tmpfs(f"exec {train}", mount_options, tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    line = _one_error_line(proc.stderr)
-    assert "--output-dir" in line and "/out is not writable: Read-only file system" in line, line
     assert "run_start" not in proc.stdout
+    return _one_error_line(proc.stderr)
+
+
+@needs_tmpfs
+def test_read_only_output_folder_refused_before_anything_is_logged(coco, tmp_path):
+    line = _refused_in_tmpfs(coco, tmp_path, "ro,size=1m")
+    assert "--output-dir" in line and "/out is not writable: Read-only file system" in line, line
 
 
 @needs_tmpfs
 def test_full_disk_refused_before_run_start_and_mid_run_keeps_every_file_whole(coco, tmp_path):
-    train = " ".join(_cmd([*RUN, "--data-dir", str(coco), "--output-dir", '"$D/out"', "--epochs", "1",
-                           "--eval-epochs", "1"]))
-    proc = _in_tmpfs(f"exec {train}", "size=8m", tmp_path)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    line = _one_error_line(proc.stderr)
+    line = _refused_in_tmpfs(coco, tmp_path, "size=8m")
     assert "MiB free, the run's checkpoints need about" in line and "--output-dir" in line, line
-    assert "run_start" not in proc.stdout
 
     # Room for the checkpoints at the start; after epoch 1 the disk is filled to 64 KiB, so the
     # next checkpoint cannot be written while the log still takes its last lines.
