@@ -19,6 +19,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+# Shared by every family; re-exported here, where the SSD API has always had them.
+from .boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+
 __all__ = [
     "DefaultBoxSpec",
     "SSD300_BOX_SPEC",
@@ -100,28 +103,6 @@ def default_boxes(spec: DefaultBoxSpec) -> Tensor:
 def default_boxes_300() -> Tensor:
     """The 8732 default boxes of SSD300, ``Tensor[8732, 4]`` (cx, cy, w, h) in [0, 1]."""
     return default_boxes(SSD300_BOX_SPEC)
-
-
-def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cxcy, wh = boxes[..., :2], boxes[..., 2:]
-    return torch.cat([cxcy - 0.5 * wh, cxcy + 0.5 * wh], dim=-1)
-
-
-def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    x1y1, x2y2 = boxes[..., :2], boxes[..., 2:]
-    return torch.cat([0.5 * (x1y1 + x2y2), x2y2 - x1y1], dim=-1)
-
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of ``a`` (``[..., N, 4]``) against ``b`` (``[..., M, 4]``), xyxy -> ``[..., N, M]``."""
-    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[..., :, None] + area_b[..., None, :] - inter
-    return inter / union.clamp(min=1e-12)
 
 
 def _run_length(flags: Tensor) -> int:

@@ -1,0 +1,1 @@
+"""Backbones not in torchvision: Darknet-53 (YOLOv3)."""

@@ -1,0 +1,1 @@
+"""Detector families behind one contract (see ``base``): ``ssd`` and ``yolo``."""
