@@ -39,6 +39,21 @@ DEMO_DEFAULTS = {
 }
 
 
+# The demo of another preset: what differs from DEMO_DEFAULTS (flags given on the command line win).
+DEMO_PRESET_DEFAULTS: dict[str, dict] = {
+    "yolov3_tiny_cpu": {
+        "output_dir": "output/demo-yolov3_tiny_cpu",
+    },
+}
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The ``dest`` of every option of ``parser`` that ``argv`` names (``--flag`` or ``--flag=value``)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {action.dest for action in parser._actions
+            if any(opt in given or opt.replace("--", "--no-", 1) in given for opt in action.option_strings)}
+
+
 def _print_summary(result) -> None:
     minutes = result.time_to_train_s / 60.0
     lines = [
@@ -78,14 +93,16 @@ def _preflight(cfg) -> None:
     """The user errors that would otherwise surface as exceptions deep in the set-up: unknown
     preset, unusable device, a backbone file for a preset without ImageNet weights."""
     from .config import check_device
-    from .models import PRESETS
+    from .detectors.base import all_presets, family_of
 
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {cfg.preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    presets = all_presets()
+    if cfg.preset not in presets:
+        raise ConfigError(f"--preset: unknown preset {cfg.preset!r}; valid presets: {', '.join(sorted(presets))}")
     check_device(cfg.device)
-    if cfg.pretrained_backbone is not None and not PRESETS[cfg.preset].is_benchmark:
-        raise ConfigError(f"--pretrained-backbone: preset {cfg.preset!r} has no ImageNet backbone; "
-                          f"leave the flag out (it is for ssd300_resnet34)")
+    takes = family_of(presets[cfg.preset]).backbone_weights(presets[cfg.preset])
+    if cfg.pretrained_backbone is not None and takes is None:
+        raise ConfigError(f"--pretrained-backbone: preset {cfg.preset!r} has no pretrained backbone; "
+                          f"leave the flag out (it is for ssd300_resnet34 and yolov3_darknet53)")
     if cfg.init_checkpoint is not None:
         from .tools.cli import load_checkpoint_arg
 
@@ -128,6 +145,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.status == "success" else 3
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """``train`` with the demo's defaults, those of ``--preset``'s demo when it has its own."""
+    explicit = _explicit_dests(args.demo_parser, args.argv)
+    for name, value in DEMO_PRESET_DEFAULTS.get(args.preset, {}).items():
+        if name not in explicit:
+            setattr(args, name, value)
+    return _cmd_train(args)
+
+
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from .data.synthetic import ensure_synthetic_coco
     from .tools.cli import require_positive
@@ -148,11 +174,12 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import run_benchmark
     from .config import check_device
-    from .models import PRESETS
+    from .detectors.base import all_presets
     from .tools.cli import require_positive
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {args.preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    presets = all_presets()
+    if args.preset not in presets:
+        raise ConfigError(f"--preset: unknown preset {args.preset!r}; valid presets: {', '.join(sorted(presets))}")
     check_device(args.device)
     if args.amp not in ("auto", "off", "bf16", "fp16"):
         raise ConfigError(f"--amp: expected auto | off | bf16 | fp16, got {args.amp!r}")
@@ -228,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="the CPU demo: ssd_tiny on the synthetic dataset (train's flags)")
+    p = sub.add_parser("demo", help="the CPU demo: ssd_tiny (or --preset yolov3_tiny_cpu) on the synthetic "
+                                    "dataset (train's flags)")
     add_arguments(p, DEMO_DEFAULTS)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_demo, demo_parser=p)
 
     p = sub.add_parser("make-synthetic-dataset", help="write the synthetic dataset in the COCO layout",
                        description="Write the synthetic detection dataset (shapes of 8 COCO classes) in the "
@@ -259,6 +287,7 @@ def _user_error_types() -> tuple[type, ...]:
               PermissionError]
     for module, name in (("single_stage_detector.data.coco", "DatasetError"),
                          ("single_stage_detector.models.backbone_weights", "BackboneWeightsError"),
+                         ("single_stage_detector.detectors.yolo.darknet_weights", "DarknetWeightsError"),
                          ("single_stage_detector.distributed", "DeviceUnavailableError")):
         mod = sys.modules.get(module)
         if mod is not None:
@@ -275,6 +304,7 @@ def _error_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -36,9 +36,9 @@ __all__ = ["add_benchmark_arguments", "run_benchmark"]
 def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="ssd300_resnet34", help="model preset")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32 on CUDA, 8 on CPU)")
-    p.add_argument("--parts", nargs="+", default=["train", "eval", "data"],
+    p.add_argument("--parts", nargs="+", default=None,
                    choices=["train", "eval", "data", "components"],
-                   help="what to time; components: encoding, loss and decode+NMS against plain per-image code "
+                   help="what to time (default: train eval data; train eval for YOLO presets); components: encoding, loss and decode+NMS against plain per-image code "
                         "(batches 32, 8 and 8 unless --batch-size is given)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations")
     p.add_argument("--iters", type=int, default=10, help="timed iterations")
@@ -359,15 +359,20 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     Raises:
         SystemExit: ``--cuda-graphs`` on a device other than CUDA.
     """
-    from .detector import SSDDetector
+    from .detectors.base import build_detector, get_preset
     from .distributed import select_device
     from .engine import AmpSettings
     from .fast_path import CudaGraphTrainStep, TrainStep, compile_for_training, enable_cudnn_autotune, make_sgd
-    from .models import build_model, get_preset
 
     apply_mode(args)
     device = select_device(args.device)
     preset = get_preset(args.preset)
+    if args.parts is None:
+        args.parts = ["train", "eval", "data"] if hasattr(preset, "box_spec") else ["train", "eval"]
+    ssd_only = sorted({"data", "components"} & set(args.parts))
+    if ssd_only and not hasattr(preset, "box_spec"):
+        raise SystemExit(f"benchmark: --parts {' '.join(ssd_only)} measures the SSD input pipelines and box "
+                         f"coding; preset {preset.name} ({preset.family}) has train and eval parts only")
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
     amp = AmpSettings.resolve(args.amp, device)
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
@@ -391,7 +396,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
 
     detector = None
     if "train" in args.parts or "eval" in args.parts:
-        detector = SSDDetector(build_model(preset), preset.box_spec).to(device)
+        detector = build_detector(preset).to(device)
         if channels_last:
             detector = detector.to(memory_format=fmt)
         images = torch.randn(batch, 3, preset.input_size, preset.input_size, device=device).to(memory_format=fmt)
@@ -406,6 +411,11 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         scaler = torch.amp.GradScaler(device.type) if amp.needs_scaler else None
         detector.train()
         module = compile_for_training(detector, detector, device) if use_compile else detector
+        # Families whose targets are encoded inside the forward (YOLO) train on raw boxes; SSD's
+        # are encoded outside the captured/compiled part (as DALI would hand them over).
+        pre_encoded = hasattr(detector, "encode_targets")
+        if cuda_graphs and not pre_encoded:
+            raise SystemExit(f"benchmark: --cuda-graphs needs pre-encoded targets (SSD presets), not {preset.name}")
         if cuda_graphs:
             # Autocast's weight-cast cache must be off while capturing (the graph owns the casts).
             step = CudaGraphTrainStep(module, opt, lambda: torch.autocast("cuda", amp.dtype, enabled=amp.enabled,
@@ -414,6 +424,18 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
             step = TrainStep(module, opt, amp.autocast, scaler)
 
         def train_step() -> None:
+            if not pre_encoded:
+                with amp.autocast():
+                    losses = module(images, {"boxes": boxes, "labels": labels})
+                loss = sum(losses.values())
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                return
             with torch.no_grad():
                 loc_t, labels_t = detector.encode_targets(boxes, labels)
             step(images, loc_t, labels_t)

@@ -8,7 +8,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-__all__ = ["ComplianceResult", "check_log"]
+__all__ = ["ComplianceResult", "check_log", "HARNESS_RULES", "FAMILY_RULES_FILE"]
+
+# Logs of detector families that no MLPerf ruleset covers (YOLO) are checked by the official
+# checker's engine against the harness's own rules file (the benchmark-independent training
+# rules plus what every open run of the harness logs); "harness" names that pseudo-ruleset.
+HARNESS_RULES = "harness"
+FAMILY_RULES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compliance_rules",
+                                 "open_detector_family.yaml")
 
 _FAILED_CHECK = re.compile(r"Failed checks for (\S+)\s*:\s*(.*)")
 
@@ -30,10 +37,14 @@ def _run_module(args: list[str], cwd: str) -> subprocess.CompletedProcess:
 def check_log(log_file: str | os.PathLike, ruleset: str = "1.0.0", usage: str = "training") -> ComplianceResult:
     """Check ``log_file`` with the official checker (in a subprocess: it keeps global state).
 
-    ``ok`` is the checker's own verdict (exit status 0 and "SUCCESS").
+    ``ok`` is the checker's own verdict (exit status 0 and "SUCCESS"). ``ruleset`` ``harness``
+    (:data:`HARNESS_RULES`) runs the checker with :data:`FAMILY_RULES_FILE` instead of an MLPerf
+    ruleset's files (the 1.0.0 log parser).
     """
+    rules = ["--ruleset", ruleset] if ruleset != HARNESS_RULES else \
+        ["--ruleset", "1.0.0", "--config", FAMILY_RULES_FILE]
     with tempfile.TemporaryDirectory() as tmp:
-        proc = _run_module(["mlperf_logging.compliance_checker", "--usage", usage, "--ruleset", ruleset,
+        proc = _run_module(["mlperf_logging.compliance_checker", "--usage", usage, *rules,
                             "--log_output", os.path.join(tmp, "checker.log"), os.path.abspath(log_file)], cwd=tmp)
     output = proc.stdout + proc.stderr
     failed = [(m.group(1), m.group(2).strip()) for m in map(_FAILED_CHECK.search, output.splitlines()) if m]
@@ -165,8 +176,12 @@ def run_folder(log_file: str | os.PathLike) -> _Path:
 
 def default_ruleset(log_file: str | os.PathLike) -> str:
     """The newest ruleset under which "ssd" means SSD300-ResNet34 and that this log can meet:
-    1.1.0 for a closed-division log carrying the 119 ``weights_initialization`` events, else 1.0.0."""
+    1.1.0 for a closed-division log carrying the 119 ``weights_initialization`` events, else 1.0.0;
+    :data:`HARNESS_RULES` for a log of another benchmark (a YOLO family: no MLPerf ruleset has it)."""
     records = read_log(log_file)
+    benchmark = next((r.value for r in records if r.key == "submission_benchmark"), "ssd")
+    if benchmark != "ssd":
+        return HARNESS_RULES
     division = next((r.value for r in records if r.key == "submission_division"), None)
     n_weights = sum(r.key == "weights_initialization" for r in records)
     return "1.1.0" if division == "closed" and n_weights == NUM_REFERENCE_WEIGHTS else "1.0.0"

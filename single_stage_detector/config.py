@@ -77,7 +77,10 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
 @dataclass
 class TrainConfig:
     # -- what to train, on what --------------------------------------------------------
-    preset: str = _f("ssd300_resnet34", "model preset (ssd300_resnet34 = the benchmark; ssd_tiny = CPU demo)")
+    preset: str = _f("ssd300_resnet34", "model preset: ssd300_resnet34 (the benchmark), ssd_tiny (SSD CPU demo), "
+                                         "yolov3_darknet53, yolov3_tiny_cpu (YOLOv3 CPU demo)")
+    input_size: Optional[int] = _f(None, "network input side in pixels (default: the preset's); YOLO presets "
+                                         "only (a multiple of 32, anchors unchanged); SSD's default boxes fix its size")
     data_dir: Optional[str] = _f(None, "COCO 2017 folder (train2017/, val2017/, annotations/)")
     synthetic: bool = _f(False, "generate the embedded synthetic dataset into --data-dir if it holds none")
     synthetic_train_images: int = _f(SYNTHETIC_DEFAULTS.num_train, "synthetic dataset: training images")
@@ -120,12 +123,17 @@ class TrainConfig:
                                           "ColorJitter ops, pixel-exact to the MLPerf reference) | fused (the four "
                                           "ops as one colour matrix, hue rotated in YIQ as DALI's graph does; half "
                                           "the CPU time per image)")
-    augment: bool = _f(True, "SSD random crop, flip and colour jitter on training images "
-                             "(--no-augment: resize + normalise only, for exactness tests)")
+    augment: bool = _f(True, "the preset family's training augmentation (SSD: random crop, flip, colour "
+                             "jitter; YOLO: flip, random affine, HSV jitter); --no-augment: resize + "
+                             "normalise only, for exactness tests")
+    multi_scale: tuple[int, ...] = _f((), "MIN MAX: every 10 optimiser steps a new input side, a multiple of 32 "
+                                          "in [MIN, MAX], drawn from (seed, step) so every rank and a resumed "
+                                          "run use the same (YOLO presets; e.g. 320 608, darknet's)")
 
     # -- schedule ----------------------------------------------------------------------
     epochs: int = _f(80, "stop (status aborted) after this many epochs without reaching the target")
-    threshold: float = _f(0.23, "target COCO AP@[.5:.95]; training stops at the first evaluation reaching it")
+    threshold: Optional[float] = _f(None, "target COCO AP@[.5:.95]; training stops at the first evaluation "
+                                          "reaching it (default: the preset's quality target, 0.23 for SSD)")
     eval_every: int = _f(5, "evaluate after every N epochs")
     eval_start: Optional[int] = _f(None, "first epoch to evaluate after (default: --eval-every)")
     eval_epochs: Optional[tuple[int, ...]] = _f(
@@ -221,7 +229,7 @@ class TrainConfig:
             raise bad("bn_span", f"must be >= 1, got {self.bn_span}")
         if self.max_samples not in (1, 50):
             raise bad("max_samples", f"MLPerf allows 1 or 50, got {self.max_samples}")
-        if not 0.0 < self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise bad("threshold", f"must be in (0, 1], got {self.threshold}")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -254,6 +262,12 @@ class TrainConfig:
             raise bad("eval_epochs", f"epochs are 1-based, got {list(self.eval_epochs)}")
         if list(self.lr_decay_epochs) != sorted(self.lr_decay_epochs) or any(e < 1 for e in self.lr_decay_epochs):
             raise bad("lr_decay_epochs", f"must be increasing positive epochs, got {list(self.lr_decay_epochs)}")
+        if self.input_size is not None and (self.input_size < 32 or self.input_size % 32):
+            raise bad("input_size", f"must be a positive multiple of 32, got {self.input_size}")
+        if self.multi_scale:
+            lo_hi = list(self.multi_scale)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or any(v < 32 or v % 32 for v in lo_hi):
+                raise bad("multi_scale", f"expected MIN MAX, multiples of 32 with MIN <= MAX, got {lo_hi}")
         if self.data_dir is None:
             raise bad("data_dir", "is required (a COCO 2017 folder, or an empty folder with --synthetic)")
         if not self.eval_only and not self.evaluation_epochs():
@@ -279,7 +293,7 @@ class TrainConfig:
             raise bad("warmup_steps", "closed division needs at least 1 warm-up step")
         # Fixed by the benchmark: the quality target, SGD momentum and the decay factor.
         for name, fixed in (("threshold", 0.23), ("lr_decay_factor", 0.1), ("momentum", 0.9)):
-            if abs(getattr(self, name) - fixed) > 1e-12:
+            if getattr(self, name) is not None and abs(getattr(self, name) - fixed) > 1e-12:
                 raise bad(name, f"is fixed at {fixed} in the closed division, got {getattr(self, name)} "
                           "(use --division open to change it)")
         if not self.include_crowd:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,13 +17,14 @@ from typing import Callable, Iterable, TextIO
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .data.batch import DetectionBatch
 from .distributed import DistInfo, average_batch_norm_stats
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_results
 from .losses import FiniteLossMonitor
 
-__all__ = ["LRSchedule", "AmpSettings", "EpochStats", "MetricsWriter", "ShardedEvalResult", "backward", "optimizer_step", "train_one_epoch",
+__all__ = ["LRSchedule", "AmpSettings", "multi_scale_size", "EpochStats", "MetricsWriter", "ShardedEvalResult", "backward", "optimizer_step", "train_one_epoch",
            "evaluate", "FAULT_INJECT_ENV"]
 
 # Test hook: SSD_FAULT_INJECT_RANK=r makes rank r raise at optimiser step SSD_FAULT_INJECT_STEP
@@ -231,6 +233,15 @@ def _tail_step(optimizer, scaler, schedule, step, stats):
     return step + 1, stats
 
 
+def multi_scale_size(seed: int, step: int, low: int, high: int, every: int = 10) -> int:
+    """The input side of optimiser step ``step`` in multi-scale training: a multiple of 32 in
+    [``low``, ``high``] drawn uniformly, the same for ``every`` consecutive steps (darknet: a new
+    size every 10 batches, ``src/detector.c`` train_detector; YOLOv2 paper section 3 "Multi-Scale
+    Training"). A pure function of (seed, step // every): every rank and a resumed run agree."""
+    choices = (high - low) // 32 + 1
+    return low + 32 * random.Random(seed * 1_000_003 + step // every).randrange(choices)
+
+
 def train_one_epoch(
     detector: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -252,6 +263,7 @@ def train_one_epoch(
     batch_size: int | None = None,
     start_batch: int = 0,
     should_stop: Callable[[int], bool] | None = None,
+    input_size_at: Callable[[int], int] | None = None,
 ) -> EpochStats:
     """Train for one epoch (``epoch`` is 1-based). Returns the epoch's statistics.
 
@@ -283,6 +295,10 @@ def train_one_epoch(
     keep ``len(loader)`` the whole epoch's). After each optimiser step but the epoch's last,
     ``should_stop(steps done in this epoch)`` is called; True ends the epoch there, with
     ``stats.stopped`` set. It must be cheap (it runs on the hot path).
+
+    Multi-scale training: ``input_size_at(step)`` (``step`` = optimiser steps done before this
+    one) gives the input side of the step; images of another size are resized to it on the
+    device (bilinear; the normalised boxes are unchanged). See :func:`multi_scale_size`.
     """
     say = _printer(info)
     detector.train()
@@ -321,6 +337,11 @@ def train_one_epoch(
             batch, loss_weight = previous, 0.0
         else:
             batch = batch.to(info.device, memory_format=memory_format)
+            if input_size_at is not None:
+                side = input_size_at(step)
+                if batch.images.shape[-1] != side or batch.images.shape[-2] != side:
+                    batch.images = F.interpolate(batch.images, size=(side, side), mode="bilinear",
+                                                 align_corners=False)
             previous = batch
         if fault_step is not None and step + 1 >= fault_step:
             raise RuntimeError(f"fault injected on rank {info.rank} at step {step + 1} "

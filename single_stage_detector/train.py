@@ -7,6 +7,7 @@ includes reading the dataset, training and every evaluation.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -26,14 +27,14 @@ from .checkpoint import (RESUME_DIR, RESUME_FORMAT, STORAGE_ERRNOS, OutputWriteE
 from .config import ConfigError, TrainConfig
 from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
-from .detector import SSDDetector
 from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast_float, broadcast_seed,
                           init_distributed, seed_everything, shutdown, sum_over_ranks, sync_batch_norm)
-from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, train_one_epoch
+from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, multi_scale_size, train_one_epoch
 from .evaluation import CocoEvaluator, UndefinedAPError
 from .fast_path import compile_for_training, enable_cudnn_autotune, make_sgd
 from .mlperf_log import RESUMED_KEY, C, MLPerfLogger, move_aside
-from .models import build_model, count_parameters
+from .detectors.base import build_detector, family_of
+from .models import count_parameters
 from .models.mlperf_names import mlperf_tensor_names
 from .resume import (capture_rank_state, check_output_writable, check_resume_matches, checkpoint_size_estimate,
                      find_resume_checkpoint, gather_over_ranks, restore_rank_state)
@@ -119,8 +120,8 @@ def _load_init_checkpoint(model: nn.Module, path: str, preset_name: str) -> None
 
 @dataclass
 class _ModelParts:
-    model: nn.Module          # the SSD network (parameters named as the checkpoint stores them)
-    detector: SSDDetector     # network + box coder + loss + post-processing; used for evaluation
+    model: nn.Module          # the network (parameters named as the checkpoint stores them)
+    detector: nn.Module       # network + target coding + loss + post-processing (detectors.base contract)
     train_module: nn.Module   # what the training step calls: the detector, maybe DDP- and compile-wrapped
     amp: AmpSettings
     eval_amp: AmpSettings
@@ -129,15 +130,16 @@ class _ModelParts:
 
 def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
     """The model of ``preset`` with its weights, BN mode, device, memory format and wrappers."""
-    model = build_model(preset, pretrained_backbone=cfg.pretrained_backbone)
+    detector = build_detector(preset, pretrained_backbone=cfg.pretrained_backbone)
     if cfg.init_checkpoint:
-        _load_init_checkpoint(model, cfg.init_checkpoint, preset.name)
-    if preset.backbone == "resnet34" and not model.backbone_pretrained and not cfg.init_checkpoint:
+        _load_init_checkpoint(detector.model, cfg.init_checkpoint, preset.name)
+    if preset.is_benchmark and not detector.backbone_pretrained and not cfg.init_checkpoint:
         say("WARNING: the ResNet-34 backbone is RANDOMLY INITIALISED (no --pretrained-backbone). "
             "The benchmark needs ImageNet weights to reach 0.23 mAP: run scripts/get_resnet34_backbone.sh.")
-    model = _build_sync_bn(model, cfg, info)
+    detector.model = _build_sync_bn(detector.model, cfg, info)
+    model = detector.model
     enable_cudnn_autotune(info.device)
-    detector = SSDDetector(model, preset.box_spec).to(info.device)
+    detector = detector.to(info.device)
     amp = AmpSettings.resolve(cfg.amp, info.device)
     eval_amp = AmpSettings.resolve_eval(cfg.eval_amp, info.device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
@@ -194,6 +196,34 @@ def run_training(cfg: TrainConfig) -> RunResult:
         shutdown()
 
 
+def resolve_preset(cfg: TrainConfig) -> tuple[object, TrainConfig]:
+    """The run's preset (its input size set by ``--input-size``) and ``cfg`` with the preset's
+    quality target filled in; ConfigError naming the flag for options the family does not take."""
+    import dataclasses
+
+    from .detectors.base import get_preset
+
+    try:
+        preset = get_preset(cfg.preset)
+    except ValueError as e:
+        raise ConfigError(f"--preset: {e}") from None
+    family = family_of(preset)
+    if (cfg.input_size is not None or cfg.multi_scale) and not family.variable_input_size:
+        flag = "--input-size" if cfg.input_size is not None else "--multi-scale"
+        raise ConfigError(f"{flag}: preset {preset.name!r} ({family.name}) has a fixed input size "
+                          f"({preset.input_size}: its default boxes depend on it)")
+    if cfg.data_backend == "dali" and not family.supports_dali:
+        raise ConfigError(f"--data-backend dali: the DALI pipelines implement the SSD augmentation only; "
+                          f"preset {preset.name!r} ({family.name}) reads its data with --data-backend torch")
+    if cfg.data_backend == "auto" and not family.supports_dali:
+        cfg = dataclasses.replace(cfg, data_backend="torch")
+    if cfg.input_size is not None:
+        preset = dataclasses.replace(preset, input_size=cfg.input_size)
+    if cfg.threshold is None:
+        cfg = dataclasses.replace(cfg, threshold=preset.quality_target)
+    return preset, cfg
+
+
 def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     with StopSignals(announce=info.is_main) as stop:
         return _run_with_signals(cfg, info, stop)
@@ -202,7 +232,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
 def _meta_model_bytes(preset) -> int:
     """The resume checkpoint size of ``preset``'s model, from a model on the meta device (no memory, no I/O)."""
     with torch.device("meta"):
-        return checkpoint_size_estimate(build_model(preset))
+        return checkpoint_size_estimate(build_detector(preset).model)
 
 
 def _resume_position(resumed: tuple[Path, dict] | None) -> dict:
@@ -216,10 +246,9 @@ def _resume_position(resumed: tuple[Path, dict] | None) -> dict:
 
 
 def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> RunResult:
-    from .models import get_preset
-
     say = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
-    preset = get_preset(cfg.preset)
+    preset, cfg = resolve_preset(cfg)
+    family = family_of(preset)
     division = cfg.resolved_division(preset.is_benchmark)
     cfg.validate(closed=division == "closed")
     # Before anything is logged: a read-only or full output folder is a one-line error.
@@ -247,7 +276,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     else:
         mlog.event(C.CACHE_CLEAR, cfg.cache_cleared)
         mlog.start(C.INIT_START)
-        mlog.submission_info(benchmark=C.SSD, org=cfg.submission_org, division=division,
+        mlog.submission_info(benchmark=family.name, org=cfg.submission_org, division=division,
                              status=cfg.submission_status,
                              platform=cfg.submission_platform or _platform_name(info))
     seed = resumed[1]["resume"]["seed"] if resumed is not None else broadcast_seed(cfg.seed, info)
@@ -294,8 +323,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         derived["resumed_from"] = str(resumed[0])
     if info.is_main:
         write_json(_resolved_config(cfg, derived), os.path.join(cfg.output_dir, "config.json"))
-    say(f"preset {preset.name}: {count_parameters(model) / 1e6:.2f} M parameters, input {preset.input_size}, "
-        f"{preset.box_spec.num_boxes} default boxes; device {info.device} x {info.world_size}, "
+    say(f"preset {preset.name} ({family.name}): {count_parameters(model) / 1e6:.2f} M parameters, "
+        f"{family.describe(preset, detector)}; device {info.device} x {info.world_size}, "
         f"amp {derived['amp']} (eval {derived['eval_amp']}), global batch {global_batch}, lr {lr:.4g}, "
         f"division {division}")
 
@@ -356,10 +385,16 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                 raise error
             raise OutputWriteError(errno.EIO, "rank 0 could not write the checkpoint (see its error)")
 
+    input_size_at = None
+    if cfg.multi_scale:
+        low, high = cfg.multi_scale
+        input_size_at = functools.partial(multi_scale_size, seed, low=low, high=high)
+
     try:
         # -- data (inside the timed region, as the rules require) --------------------------
         prepare_dataset_dir(cfg, info)
         data = build_data_pipeline(cfg, input_size=preset.input_size, seed=seed, rank=info.rank,
+                                   transforms=(family.train_transform(preset, cfg), family.eval_transform(preset)),
                                    world_size=info.world_size, device=info.device)
         if resumed is None:
             mlog.event(C.TRAIN_SAMPLES, data.train_samples)
@@ -412,7 +447,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                                     steps_per_epoch=steps_per_epoch, epoch_samples=data.train_samples,
                                     batch_size=cfg.batch_size,
                                     start_batch=step_in_epoch * cfg.gradient_accumulation_steps,
-                                    should_stop=agreed_stop)
+                                    should_stop=agreed_stop, input_size_at=input_size_at)
             step += stats.steps
             skipped += stats.skipped_samples
             if stats.stopped:

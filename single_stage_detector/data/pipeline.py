@@ -73,15 +73,20 @@ class DataPipeline:
 
 
 def build_data_pipeline(cfg, *, input_size: int, seed: int, rank: int, world_size: int,
-                        device: torch.device) -> DataPipeline:
-    """The pipeline of ``cfg.data_backend`` for ``cfg.data_dir`` (a :class:`TrainConfig`)."""
+                        device: torch.device, transforms: tuple[Any, Any] | None = None) -> DataPipeline:
+    """The pipeline of ``cfg.data_backend`` for ``cfg.data_dir`` (a :class:`TrainConfig`).
+
+    ``transforms``: the (training, evaluation) transforms of the torch path, the preset
+    family's (``DetectorFamily.train_transform`` / ``eval_transform``); default SSD's.
+    """
     from .dali import resolve_data_backend
 
     builders = {"torch": _build_torch, "dali": _build_dali}
     if cfg.data_backend not in (*builders, "auto"):
         raise ValueError(f"unknown data backend {cfg.data_backend!r}; known: {', '.join(builders)}, auto")
     builder = builders[resolve_data_backend(cfg.data_backend, device)]
-    return builder(cfg, input_size=input_size, seed=seed, rank=rank, world_size=world_size, device=device)
+    extra = {} if transforms is None or builder is _build_dali else {"transforms": transforms}
+    return builder(cfg, input_size=input_size, seed=seed, rank=rank, world_size=world_size, device=device, **extra)
 
 
 def _all_gather(items: list, world_size: int) -> list:
@@ -134,15 +139,19 @@ def _pipeline_stats(train_set: CocoDetection, val_set: CocoDetection) -> dict[st
     return {**train_set.stats, **{f"val_{k}": v for k, v in val_set.stats.items()}}
 
 
-def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> DataPipeline:
-    train_tf = (SSDTrainTransform(input_size, cfg.max_samples, fused_color=cfg.color_jitter == "fused")
-                if cfg.augment else SSDEvalTransform(input_size))
+def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device,
+                 transforms: tuple[Any, Any] | None = None) -> DataPipeline:
+    if transforms is None:
+        transforms = (SSDTrainTransform(input_size, cfg.max_samples, fused_color=cfg.color_jitter == "fused"),
+                      SSDEvalTransform(input_size))
+    train_tf = transforms[0] if cfg.augment else transforms[1]
     train_set = load_split(cfg, "train2017", rank=rank, world_size=world_size, transform=train_tf,
                            limit=cfg.max_train_images)
     train_loader = build_train_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
                                       rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
     val = build_eval_input(dataclasses.replace(cfg, data_backend="torch"), input_size=input_size, rank=rank,
-                           world_size=world_size, device=device, persistent_workers=True)
+                           world_size=world_size, device=device, persistent_workers=True,
+                           eval_transform=transforms[1])
     return DataPipeline(backend="torch", train=train_loader, eval=val.loader, train_samples=len(train_set),
                         eval_samples=val.num_images, train_steps=len(train_loader),
                         val_annotation_file=val.annotation_file, stats=_pipeline_stats(train_set, val.dataset))
@@ -176,8 +185,11 @@ def _dali_device_id(device: torch.device) -> int | None:
 
 def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1,
                      device: torch.device = torch.device("cpu"), persistent_workers: bool = False,
-                     workdir: Path | None = None) -> EvalInput:
+                     workdir: Path | None = None, eval_transform=None) -> EvalInput:
     """The val split of ``cfg.data_dir`` for ``cfg.data_backend`` (a :class:`TrainConfig`), this rank's shard.
+
+    ``eval_transform``: the torch path's transform (default SSD's resize + normalisation); a
+    preset family without DALI support must pass its own and ``cfg.data_backend`` torch.
 
     Images without annotations are left out, as the reference does, unless
     ``cfg.eval_all_images``. Both backends evaluate the same images: those
@@ -188,7 +200,7 @@ def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1
     backend = resolve_data_backend(cfg.data_backend, device)
     if backend == "torch":
         val_set = load_split(cfg, "val2017", rank=rank, world_size=world_size,
-                             transform=SSDEvalTransform(input_size), limit=cfg.max_eval_images,
+                             transform=eval_transform or SSDEvalTransform(input_size), limit=cfg.max_eval_images,
                              skip_empty=not cfg.eval_all_images)
         loader = build_eval_loader(val_set, cfg.eval_batch_size, num_workers=cfg.num_workers, rank=rank,
                                    world_size=world_size, persistent_workers=persistent_workers,

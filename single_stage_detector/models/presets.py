@@ -43,6 +43,8 @@ class ModelPreset:
         description: one line for ``--help`` / logs.
         is_benchmark: True for the MLPerf benchmark model (closed-division rules apply).
         backbone_kwargs: keyword arguments of the backbone factory (treat as read-only).
+        family: the detector family (``single_stage_detector.detectors``): always ``ssd`` here.
+        quality_target: COCO AP@[.5:.95] at which a run stops (0.23: SPEC.md, the benchmark's).
     """
 
     name: str
@@ -54,6 +56,8 @@ class ModelPreset:
     description: str = ""
     is_benchmark: bool = False
     backbone_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    family: str = "ssd"
+    quality_target: float = 0.23
 
     def __post_init__(self) -> None:
         if self.input_size != self.box_spec.image_size:

@@ -46,20 +46,27 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
     import torch
 
     from ..data.coco import COCO_CATEGORY_IDS
-    from ..config import TrainConfig
+    from ..config import ConfigError, TrainConfig
     from ..data.pipeline import build_eval_input
     from ..distributed import DistInfo, select_device
     from ..engine import AmpSettings, evaluate
     from ..evaluation import CocoEvaluator
+    from ..detectors.base import family_of
     from .show_detections import load_detector
 
     dev = select_device(device)
     detector, preset, _ = load_detector(checkpoint, device=str(dev))
     detector.clip_boxes = clip_boxes
+    family = family_of(preset)
+    if not family.supports_dali:
+        if data_backend == "dali":
+            raise ConfigError(f"--data-backend dali: preset {preset.name!r} ({family.name}) is read with the "
+                              "torch path only")
+        data_backend = "torch"
     # The val split exactly as a training run reads it (same image selection and checks).
     cfg = TrainConfig(data_dir=str(data_dir), data_backend=data_backend, eval_batch_size=batch_size,
                       num_workers=num_workers, max_eval_images=max_images, eval_all_images=all_images)
-    val = build_eval_input(cfg, input_size=preset.input_size, device=dev)
+    val = build_eval_input(cfg, input_size=preset.input_size, device=dev, eval_transform=family.eval_transform(preset))
     label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
     try:
         return evaluate(detector, val.loader, CocoEvaluator(val.annotation_file), label_to_category,

@@ -28,15 +28,19 @@ def _font(size: int):
 def load_detector(checkpoint: str | os.PathLike | dict, device: str = "cpu"):
     """(detector in eval mode, preset, the checkpoint dict) from a ``checkpoint.pt`` of ``train``
     (its path, or the dict :func:`~single_stage_detector.checkpoint.load_checkpoint` returned)."""
+    import dataclasses
+
     from ..checkpoint import load_checkpoint
-    from ..detector import SSDDetector
-    from ..models import build_model, get_preset
+    from ..detectors.base import build_detector, get_preset
 
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     preset = get_preset(ckpt["preset"])
-    model = build_model(preset)
-    model.load_state_dict(ckpt["model"])
-    detector = SSDDetector(model, preset.box_spec).to(device).eval()
+    input_size = (ckpt.get("config") or {}).get("input_size")
+    if input_size:  # a run trained at --input-size evaluates at it
+        preset = dataclasses.replace(preset, input_size=int(input_size))
+    detector = build_detector(preset)
+    detector.model.load_state_dict(ckpt["model"])
+    detector = detector.to(device).eval()
     return detector, preset, ckpt
 
 
@@ -59,10 +63,10 @@ def render_grid(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLik
     from PIL import Image, ImageDraw
 
     from ..data.coco import LABEL_NAMES, CocoDetection
-    from ..data.transforms import SSDEvalTransform
+    from ..detectors.base import family_of
 
     detector, preset, _ = load_detector(checkpoint, device)
-    dataset = CocoDetection.from_dir(data_dir, split, transform=SSDEvalTransform(preset.input_size))
+    dataset = CocoDetection.from_dir(data_dir, split, transform=family_of(preset).eval_transform(preset))
     indices = list(range(start, min(len(dataset), start + num_images)))
     if not indices:
         raise SystemExit(f"error: no images in the {split} split of {data_dir} from index {start}")
