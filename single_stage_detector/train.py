@@ -218,6 +218,8 @@ def resolve_preset(cfg: TrainConfig) -> tuple[object, TrainConfig]:
     if cfg.data_backend == "auto" and not family.supports_dali:
         cfg = dataclasses.replace(cfg, data_backend="torch")
     if cfg.input_size is not None:
+        if cfg.input_size < 32 or cfg.input_size % 32:
+            raise ConfigError(f"--input-size: must be a positive multiple of 32, got {cfg.input_size}")
         preset = dataclasses.replace(preset, input_size=cfg.input_size)
     if cfg.threshold is None:
         cfg = dataclasses.replace(cfg, threshold=preset.quality_target)

@@ -1,0 +1,152 @@
+"""The family-agnostic harness: one preset registry, the SSD API where it was, presets that
+change their input size, multi-scale training, and the checks of logs no MLPerf ruleset covers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from single_stage_detector.config import ConfigError, TrainConfig
+from single_stage_detector.detectors.base import FAMILIES, all_presets, build_detector, family_of, get_preset
+from single_stage_detector.engine import multi_scale_size
+from single_stage_detector.train import resolve_preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_preset_names_a_registered_family():
+    presets = all_presets()
+    assert {"ssd300_resnet34", "ssd_tiny", "yolov3_darknet53", "yolov3_tiny_cpu"} <= set(presets)
+    for name, preset in presets.items():
+        assert family_of(preset) is FAMILIES[preset.family]
+        assert 0.0 < preset.quality_target <= 1.0, name
+    assert {p.family for p in presets.values()} == {"ssd", "yolov3"}
+    with pytest.raises(ValueError, match="valid presets: .*yolov3_tiny_cpu"):
+        get_preset("yolov9")
+
+
+def test_the_documented_ssd_api_is_where_it_was():
+    from single_stage_detector import boxes
+    from single_stage_detector.box_coder import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+    from single_stage_detector.detector import SSDDetector
+    from single_stage_detector.models import PRESETS, build_model
+
+    assert box_iou is boxes.box_iou and cxcywh_to_xyxy is boxes.cxcywh_to_xyxy
+    assert xyxy_to_cxcywh is boxes.xyxy_to_cxcywh
+    assert set(PRESETS) == {"ssd300_resnet34", "ssd_tiny"}
+    model = build_model("ssd_tiny")
+    detector = build_detector("ssd_tiny")
+    assert isinstance(detector, SSDDetector) and type(detector.model) is type(model)
+
+
+def test_shape_iou_hand_computed():
+    from single_stage_detector.boxes import shape_iou
+
+    # 4x2 and 2x4 centred at the origin: intersection 2x2 = 4, union 8 + 8 - 4 = 12.
+    got = shape_iou(torch.tensor([[4.0, 2.0]]), torch.tensor([[2.0, 4.0], [4.0, 2.0], [8.0, 4.0]]))
+    assert torch.allclose(got, torch.tensor([[4 / 12, 1.0, 8 / 32]]))
+
+
+def test_multi_scale_sizes_are_a_pure_function_of_seed_and_step():
+    sizes = [multi_scale_size(7, step, 320, 608) for step in range(2000)]
+    assert all(s % 32 == 0 and 320 <= s <= 608 for s in sizes)
+    assert set(sizes) == set(range(320, 609, 32))  # all ten sizes drawn
+    for start in range(0, 2000, 10):  # one size per 10 steps
+        assert len(set(sizes[start:start + 10])) == 1
+    assert sizes == [multi_scale_size(7, step, 320, 608) for step in range(2000)]  # any rank, any resume
+    assert sizes != [multi_scale_size(8, step, 320, 608) for step in range(2000)]
+    assert multi_scale_size(1, 5, 416, 416) == 416
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(data_dir="/data", **kw)
+
+
+def test_preset_resolution_fills_the_target_and_refuses_what_a_family_cannot_do():
+    preset, cfg = resolve_preset(_cfg(preset="ssd_tiny"))
+    assert cfg.threshold == 0.23 and preset.input_size == 128
+    preset, cfg = resolve_preset(_cfg(preset="yolov3_darknet53", input_size=608))
+    assert preset.input_size == 608 and cfg.threshold == preset.quality_target
+    assert get_preset("yolov3_darknet53").input_size == 416  # the registry's preset is untouched
+    assert resolve_preset(_cfg(preset="yolov3_tiny_cpu", threshold=0.1))[1].threshold == 0.1
+    assert resolve_preset(_cfg(preset="yolov3_tiny_cpu", data_backend="auto"))[1].data_backend == "torch"
+    with pytest.raises(ConfigError, match="--input-size: preset 'ssd300_resnet34'.*fixed input size"):
+        resolve_preset(_cfg(preset="ssd300_resnet34", input_size=320))
+    with pytest.raises(ConfigError, match="--multi-scale: preset 'ssd_tiny'"):
+        resolve_preset(_cfg(preset="ssd_tiny", multi_scale=(320, 608)))
+    with pytest.raises(ConfigError, match="--data-backend dali: .*yolov3_tiny_cpu"):
+        resolve_preset(_cfg(preset="yolov3_tiny_cpu", data_backend="dali"))
+    with pytest.raises(ConfigError, match="--preset: unknown model preset"):
+        resolve_preset(_cfg(preset="nope"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--multi-scale", "320"], "--multi-scale: expected MIN MAX"),
+    (["--multi-scale", "608", "320"], "--multi-scale: expected MIN MAX"),
+    (["--multi-scale", "300", "608"], "--multi-scale: expected MIN MAX"),
+    (["--input-size", "300"], "--input-size: must be a positive multiple of 32"),
+])
+def test_bad_input_size_flags_are_one_line_errors(flags, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "single_stage_detector", "train", "--preset", "yolov3_tiny_cpu",
+                           "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
+
+
+def _write_log(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(f":::MLLOG {json.dumps(r)}\n" for r in records))
+    return path
+
+
+def _yolo_log_records(status: str = "success") -> list[dict]:
+    t = [1_700_000_000_000]
+
+    def rec(key, value=None, event="POINT_IN_TIME", **metadata):
+        t[0] += 10
+        return {"namespace": "", "time_ms": t[0], "event_type": event, "key": key, "value": value,
+                "metadata": metadata}
+
+    return [
+        rec("cache_clear", False), rec("init_start", event="INTERVAL_START"),
+        rec("submission_benchmark", "yolov3"), rec("submission_org", "org"), rec("submission_division", "open"),
+        rec("submission_status", "research"), rec("submission_platform", "CPU"), rec("seed", 1),
+        rec("global_batch_size", 32), rec("opt_base_learning_rate", 0.01),
+        rec("init_stop", event="INTERVAL_END"), rec("run_start", event="INTERVAL_START"),
+        rec("train_samples", 64), rec("eval_samples", 16),
+        rec("epoch_start", event="INTERVAL_START", epoch_num=1), rec("epoch_stop", event="INTERVAL_END", epoch_num=1),
+        rec("eval_start", event="INTERVAL_START", epoch_num=1), rec("eval_accuracy", 0.31, epoch_num=1),
+        rec("eval_stop", event="INTERVAL_END", epoch_num=1),
+        rec("run_stop", event="INTERVAL_END", status=status),
+    ]
+
+
+def _check_logs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "single_stage_detector", "check-logs", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_logs_applies_the_harness_rules_to_a_yolo_log(tmp_path):
+    good = _write_log(tmp_path / "good.log", _yolo_log_records())
+    no_status = _write_log(tmp_path / "no_status.log",
+                           [r if r["key"] != "run_stop" else {**r, "metadata": {}} for r in _yolo_log_records()])
+    closed = _write_log(tmp_path / "closed.log",
+                        [r if r["key"] != "submission_division" else {**r, "value": "closed"}
+                         for r in _yolo_log_records()])
+    bad_acc = _write_log(tmp_path / "bad_acc.log",
+                         [r if r["key"] != "eval_accuracy" else {**r, "value": 31.0} for r in _yolo_log_records()])
+    proc = _check_logs(str(good), str(no_status), str(closed), str(bad_acc))
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    assert f"PASS  {good}  (harness rules: no MLPerf ruleset covers this benchmark)" in out
+    for bad, key in ((no_status, "run_stop"), (closed, "submission_division"), (bad_acc, "eval_accuracy")):
+        block = out.split(f"FAIL  {bad}", 1)[1].split("FAIL  ", 1)[0].split("PASS  ", 1)[0]
+        assert key in block, out
+    assert "training 1.0.0" not in out  # no MLPerf ruleset is claimed for a YOLO log
+    # Asked for explicitly, the official 1.0.0 rules run, and reject the benchmark name.
+    proc = _check_logs(str(good), "--ruleset", "1.0.0")
+    assert proc.returncode == 1 and "submission_benchmark" in proc.stdout, proc.stdout
