@@ -69,6 +69,11 @@ CASES = [
     ("package-system-json-missing", "package {d}/notes.log --system-json {d}/none.json", "--system-json"),
     ("plot-missing", "plot {d}/none.log", "{d}/none.log"),
     ("plot-empty-folder", "plot {d}/folder", "{d}/folder"),
+    ("predict-missing-image", "predict {d}/none.jpg --checkpoint {d}/other.pt", "{d}/none.jpg"),
+    ("predict-empty-folder", "predict {d}/folder --checkpoint {d}/notes.log", "{d}/folder"),
+    ("kmeans-anchors-missing", "kmeans-anchors {d}/none.json", "{d}/none.json"),
+    ("kmeans-anchors-not-json", "kmeans-anchors {d}/notes.log", "{d}/notes.log"),
+    ("kmeans-anchors-range", "kmeans-anchors {d}/notes.log --num 0", "--num"),
 ]
 
 

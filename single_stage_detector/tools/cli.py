@@ -9,10 +9,18 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
     Each tool lives in its own module; heavy imports (matplotlib, torch) happen when it runs.
     """
-    from . import check_logs, evaluate_checkpoint, package, plots, score, show_detections
+    from . import check_logs, evaluate_checkpoint, kmeans_anchors, package, plots, predict, score, show_detections
 
     for module in (evaluate_checkpoint, check_logs, score, package, plots, show_detections):
         module.add_parser(sub)
+    # Tools whose flags are added when their command is chosen (``populate``: fast --help).
+    for name, module, text in (
+            ("predict", predict, "detections of a checkpoint on image files or folders: COCO-style JSON and "
+                                 "pictures"),
+            ("kmeans-anchors", kmeans_anchors, "YOLO anchors by k-means (1 - IoU) of a COCO file's boxes, with "
+                                               "mean IoU and best-possible recall")):
+        sub.add_parser(name, help=text, description=(module.__doc__ or "").strip().split("\n\n")[0],
+                       populate=module.add_arguments).set_defaults(func=module.main)
 
 
 def load_checkpoint_arg(path: str) -> dict:

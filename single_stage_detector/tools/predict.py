@@ -81,17 +81,12 @@ def eval_transform(preset):
     """The evaluation transform of ``preset``'s detector family: ``(PIL image, boxes, labels) ->
     (Tensor[3, S, S], boxes, labels)``.
 
-    A preset that defines ``eval_transform()`` supplies its own (a family whose input is, for
-    example, letterboxed); otherwise the SSD eval transform, a plain resize to
-    ``preset.input_size`` x ``preset.input_size`` (:class:`~single_stage_detector.data.transforms.SSDEvalTransform`),
-    the one ``evaluate`` uses.
+    The family's (``DetectorFamily.eval_transform``), the one ``evaluate`` uses: a plain resize
+    to ``preset.input_size`` x ``preset.input_size`` and the family's normalisation.
     """
-    factory = getattr(preset, "eval_transform", None)
-    if callable(factory):
-        return factory()
-    from ..data.transforms import SSDEvalTransform
+    from ..detectors.base import family_of
 
-    return SSDEvalTransform(preset.input_size)
+    return family_of(preset).eval_transform(preset)
 
 
 def boxes_to_image(transform, boxes, width: int, height: int):
