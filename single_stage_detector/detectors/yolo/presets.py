@@ -81,8 +81,9 @@ YOLOV3_TINY_CPU = YOLOv3Preset(
     input_size=128,
     width=8,
     stage_blocks=(1, 1, 1, 1, 1),
-    # k-means (1 - IoU) of the synthetic training set's boxes at 128 px, seed 0.
-    anchors_px=((13, 13), (20, 20), (27, 27), (35, 35), (45, 45), (56, 57), (69, 69), (84, 85), (103, 102)),
+    # `kmeans-anchors data/synthetic/annotations/instances_train2017.json --num 9 --input-size 128`
+    # (seed 0, the 5,828 boxes of the default synthetic training set): mean IoU 0.74, BPR 1.0.
+    anchors_px=((12, 23), (22, 14), (28, 26), (20, 46), (48, 26), (42, 45), (32, 69), (69, 40), (66, 67)),
     objectness_prior=0.01,
     quality_target=0.23,
     description="small YOLOv3 for 128x128 inputs that trains on a few CPU cores (demo, not the benchmark)",
