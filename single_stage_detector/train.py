@@ -398,6 +398,10 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         data = build_data_pipeline(cfg, input_size=preset.input_size, seed=seed, rank=info.rank,
                                    transforms=(family.train_transform(preset, cfg), family.eval_transform(preset)),
                                    world_size=info.world_size, device=info.device)
+        if family.check_data is not None and data.train_set is not None and info.is_main:
+            report = family.check_data(preset, data.train_set.box_sizes())
+            if report:
+                say(report)
         if resumed is None:
             mlog.event(C.TRAIN_SAMPLES, data.train_samples)
             mlog.event(C.EVAL_SAMPLES, data.eval_samples)

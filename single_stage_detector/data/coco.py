@@ -556,6 +556,15 @@ class CocoDetection(Dataset):
         """File names of the kept images, in dataset order."""
         return [str(n) for n in self._names]
 
+    def box_sizes(self) -> np.ndarray:
+        """``float32[K, 2]`` (width, height) of every kept box of the kept images, normalised by
+        its image's width and height (the anchor statistics of YOLO's start-up check)."""
+        if not len(self._starts):
+            return np.zeros((0, 2), np.float32)
+        index = np.concatenate([np.arange(s, s + c) for s, c in zip(self._starts.tolist(), self._counts.tolist())])
+        boxes = self._boxes[index.astype(np.int64)] if index.size else np.zeros((0, 4), np.float32)
+        return (boxes[:, 2:] - boxes[:, :2]).astype(np.float32)
+
     def image_sizes(self) -> dict[int, tuple[int, int]]:
         """Image id -> (height, width) in pixels from the annotation file, for every kept image."""
         return {int(i): (int(h), int(w)) for i, (h, w) in zip(self._ids.tolist(), self._sizes.tolist())}

@@ -43,6 +43,7 @@ class DataPipeline:
     val_annotation_file: Path
     stats: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None  # files the pipeline wrote for this run (DALI's reader annotations)
+    train_set: CocoDetection | None = None  # the training split's index (boxes, sizes), every backend
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Position ``train`` at batch ``start_batch`` (0-based, per rank) of epoch ``epoch`` (1-based).
@@ -154,7 +155,8 @@ def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int,
                            eval_transform=transforms[1])
     return DataPipeline(backend="torch", train=train_loader, eval=val.loader, train_samples=len(train_set),
                         eval_samples=val.num_images, train_steps=len(train_loader),
-                        val_annotation_file=val.annotation_file, stats=_pipeline_stats(train_set, val.dataset))
+                        val_annotation_file=val.annotation_file, stats=_pipeline_stats(train_set, val.dataset),
+                        train_set=train_set)
 
 
 @dataclass
@@ -249,4 +251,4 @@ def _build_dali(cfg, *, input_size: int, seed: int, rank: int, world_size: int, 
     stats["dali_device"] = "gpu" if device_id is not None else "cpu"
     return DataPipeline(backend="dali", train=train, eval=val.loader, train_samples=len(train_set),
                         eval_samples=val.num_images, train_steps=len(train),
-                        val_annotation_file=val.annotation_file, stats=stats, workdir=workdir)
+                        val_annotation_file=val.annotation_file, stats=stats, workdir=workdir, train_set=train_set)

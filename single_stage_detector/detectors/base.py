@@ -57,6 +57,9 @@ class DetectorFamily:
         supports_dali: whether the DALI pipelines implement this family's augmentation and
             normalisation (only SSD's today: other families read with the torch path).
         describe: ``(preset, detector) -> str``, one line for the run's summary.
+        check_data: ``(preset, box_sizes) -> str | None``: a start-up report on the training
+            boxes (``float32[K, 2]`` normalised widths and heights), e.g. YOLO's anchor recall;
+            a line starting with ``WARNING`` is a warning. None: nothing to check.
         backbone_weights: ``(preset) -> str | None``: the pretrained backbone file the preset's
             ``--pretrained-backbone`` takes (a description), None when it takes none.
     """
@@ -69,6 +72,7 @@ class DetectorFamily:
     variable_input_size: bool
     describe: Callable[[Any, nn.Module], str]
     backbone_weights: Callable[[Any], "str | None"]
+    check_data: Callable[[Any, Any], "str | None"] | None = None
 
 
 FAMILIES: dict[str, DetectorFamily] = {}

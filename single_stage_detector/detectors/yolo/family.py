@@ -57,7 +57,17 @@ def _backbone_weights(preset: YOLOv3Preset) -> str | None:
     return "darknet53.conv.74 (darknet's ImageNet Darknet-53, 52 convolutional layers)" if full else None
 
 
+def _check_data(preset: YOLOv3Preset, box_sizes) -> str:
+    """The anchors' best-possible recall on the training boxes at the preset's input size."""
+    import torch
+
+    from .kmeans import check_anchor_recall
+
+    shapes = torch.as_tensor(box_sizes, dtype=torch.float32) * preset.input_size
+    return check_anchor_recall(shapes, torch.tensor(preset.anchors_px, dtype=torch.float32))[2]
+
+
 YOLOV3_FAMILY = DetectorFamily(name="yolov3", build=_build, train_transform=_train_transform,
                                eval_transform=_eval_transform, variable_input_size=True, supports_dali=False, describe=_describe,
-                               backbone_weights=_backbone_weights)
+                               backbone_weights=_backbone_weights, check_data=_check_data)
 register_family(YOLOV3_FAMILY, YOLO_PRESETS)
