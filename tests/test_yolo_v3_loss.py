@@ -508,7 +508,7 @@ def test_detector_training_multi_scale_and_evaluation():
         assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
         det.zero_grad()
         sum(losses.values()).backward()
-        assert all(h.weight.grad.abs().sum() > 0 for h in det.network.heads)
+        assert all(h.weight.grad.abs().sum() > 0 for h in det.model.heads)
     with pytest.raises(ValueError, match="needs targets"):
         det(torch.rand(1, 3, 64, 64))
     det.eval()

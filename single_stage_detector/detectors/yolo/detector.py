@@ -51,7 +51,7 @@ class YOLOv3Detector(nn.Module):
                  ignore_threshold: float = 0.7, score_threshold: float = 0.005, nms_threshold: float = 0.45,
                  max_detections: int | None = 100, pre_nms_top_k: int | None = None) -> None:
         super().__init__()
-        self.network = network
+        self.model = network  # the harness contract: `detector.model` is the network
         self.loss = YOLOv3Loss(anchors_px, masks, num_classes, ignore_threshold)
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
@@ -93,7 +93,7 @@ class YOLOv3Detector(nn.Module):
             ValueError: in training mode without ``targets`` (``boxes`` and ``labels``).
         """
         input_size = (int(images.shape[-2]), int(images.shape[-1]))
-        raw_outputs = self.network(images)
+        raw_outputs = self.model(images)
         if self.training:
             if targets is None or "boxes" not in targets or "labels" not in targets:
                 raise ValueError("YOLOv3Detector in training mode needs targets {'boxes': [...], 'labels': [...]}")

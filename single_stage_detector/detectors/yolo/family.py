@@ -28,7 +28,7 @@ def _build(preset: YOLOv3Preset, *, pretrained_backbone=None) -> nn.Module:
     detector = YOLOv3Detector(network, anchors_tensor(preset.anchors_px), preset.masks,
                               num_classes=preset.num_classes, ignore_threshold=preset.ignore_threshold,
                               score_threshold=preset.score_threshold, nms_threshold=preset.nms_threshold,
-                              max_detections=preset.max_detections)
+                              max_detections=preset.max_detections, pre_nms_top_k=preset.pre_nms_top_k)
     detector.backbone_pretrained = pretrained_backbone is not None
     return detector
 

@@ -33,6 +33,10 @@ class YOLOv3Preset:
         masks: anchor indices per output scale (strides 32, 16, 8).
         ignore_threshold: IoU above which an unassigned prediction gets no objectness loss.
         score_threshold, nms_threshold, max_detections: the evaluation policy.
+        pre_nms_top_k: at most this many (box, class) candidates per image enter NMS, the
+            best-scored (mmdetection's YOLOv3 test setting ``nms_pre=1000``); darknet has no
+            cap (None), which makes an early, untrained evaluation take hours: nearly every
+            prediction passes 0.005 for every class.
         objectness_prior: initial objectness probability of the output convs (None: plain init).
         quality_target: COCO AP@[.5:.95] at which a run stops.
         description: one line for ``--help`` / logs.
@@ -49,6 +53,7 @@ class YOLOv3Preset:
     score_threshold: float = 0.005
     nms_threshold: float = 0.45
     max_detections: int = 100
+    pre_nms_top_k: int | None = 1000
     objectness_prior: float | None = None
     quality_target: float = 0.23
     description: str = ""
@@ -66,7 +71,7 @@ class YOLOv3Preset:
     @property
     def eval_policy(self) -> dict:
         return {"score_threshold": self.score_threshold, "nms_threshold": self.nms_threshold,
-                "max_detections": self.max_detections}
+                "max_detections": self.max_detections, "pre_nms_top_k": self.pre_nms_top_k}
 
 
 YOLOV3_DARKNET53 = YOLOv3Preset(
