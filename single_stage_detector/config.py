@@ -113,9 +113,10 @@ class TrainConfig:
     base_lr: float = _f(2.5e-3, "learning rate per 32 images; LR = base_lr * global_batch / 32")
     lr: Optional[float] = _f(None, "learning rate for the whole global batch (default: --base-lr scaled to the global batch)")
     momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "SGD weight decay")
-    warmup_steps: int = _f(300, "linear warm-up iterations")
-    warmup_factor: int = _f(0, "warm-up starts at lr * (1 - 2**-factor); 0 = from zero (MLPerf: integer >= 0)")
+    weight_decay: float = _f(5e-4, "weight decay (SGD: L2 on the gradient; AdamW: decoupled)")
+    warmup_steps: int = _f(300, "warm-up iterations (optimiser steps)")
+    warmup_factor: int = _f(0, "mlperf warm-up starts at lr * (1 - 2**-factor); 0 = from zero "
+                               "(MLPerf: integer >= 0)")
     lr_decay_epochs: tuple[int, ...] = _f((40, 50), "epochs at which the LR is multiplied by --lr-decay-factor")
     lr_decay_factor: float = _f(0.1, "LR multiplier at each decay epoch")
     max_samples: int = _f(1, "SSD random-crop tries per mode (MLPerf allows 1 or 50)")
@@ -129,6 +130,23 @@ class TrainConfig:
     multi_scale: tuple[int, ...] = _f((), "MIN MAX: every 10 optimiser steps a new input side, a multiple of 32 "
                                           "in [MIN, MAX], drawn from (seed, step) so every rank and a resumed "
                                           "run use the same (YOLO presets; e.g. 320 608, darknet's)")
+
+    # -- recipe options (open division; defaults: the MLPerf SSD recipe) --------------------
+    optimizer: str = _f("sgd", "sgd (with --momentum; the benchmark's) | adamw (with --adam-betas)")
+    adam_betas: tuple[float, ...] = _f((0.9, 0.999), "AdamW's two moment decays (beta1 beta2)")
+    lr_schedule: str = _f("step", "step (x --lr-decay-factor at each --lr-decay-epochs; the benchmark's) | cosine "
+                                  "(from the LR to --min-lr over the run's --epochs after the warm-up)")
+    min_lr: float = _f(0.0, "the LR a cosine schedule ends at")
+    warmup_type: str = _f("mlperf", "mlperf (the reference's linear ramp, with --warmup-factor) | linear "
+                                    "(lr * n / W, n = 1..W) | power (darknet's burn-in: lr * (n / W)^--warmup-power)")
+    warmup_power: float = _f(4.0, "exponent of the power warm-up (darknet's default 4)")
+    clip_grad_norm: Optional[float] = _f(None, "clip the global gradient L2 norm to this before each optimiser step")
+    freeze_backbone_epochs: int = _f(0, "the backbone gets no updates (LR 0, BatchNorm statistics frozen) during "
+                                        "the first N epochs")
+    backbone_lr_mult: float = _f(1.0, "the backbone trains at LR x this (after --freeze-backbone-epochs)")
+    ema: Optional[float] = _f(None, "keep an exponential moving average of the weights with this decay (e.g. "
+                                    "0.9999); evaluation and checkpoint.pt use it")
+    ema_warmup_steps: int = _f(2000, "EMA decay ramp: decay x (1 - exp(-step / N)); 0: constant decay")
 
     # -- schedule ----------------------------------------------------------------------
     epochs: int = _f(80, "stop (status aborted) after this many epochs without reaching the target")
@@ -244,6 +262,7 @@ class TrainConfig:
             raise bad("lr", "learning rate must be > 0")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise bad("weight_decay", "weight decay must be >= 0 and momentum in [0, 1)")
+        self._validate_recipe(bad)
         for name in ("amp", "eval_amp"):
             if getattr(self, name) not in ("auto", "off", "bf16", "fp16"):
                 raise bad(name, f"expected auto|off|bf16|fp16, got {getattr(self, name)!r}")
@@ -280,6 +299,30 @@ class TrainConfig:
         if closed:
             self._validate_closed(bad)
 
+    def _validate_recipe(self, bad) -> None:
+        """The recipe options' values (any division)."""
+        for name, allowed in (("optimizer", ("sgd", "adamw")), ("lr_schedule", ("step", "cosine")),
+                              ("warmup_type", ("mlperf", "linear", "power"))):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"expected {'|'.join(allowed)}, got {getattr(self, name)!r}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise bad("adam_betas", f"expected two values in [0, 1), got {list(self.adam_betas)}")
+        if not self.warmup_power > 0:
+            raise bad("warmup_power", f"must be > 0, got {self.warmup_power}")
+        if self.min_lr < 0:
+            raise bad("min_lr", f"must be >= 0, got {self.min_lr}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise bad("clip_grad_norm", f"must be > 0, got {self.clip_grad_norm}")
+        if self.freeze_backbone_epochs < 0:
+            raise bad("freeze_backbone_epochs", f"must be >= 0, got {self.freeze_backbone_epochs}")
+        if not self.backbone_lr_mult > 0:
+            raise bad("backbone_lr_mult", f"must be > 0 (use --freeze-backbone-epochs to keep the backbone "
+                      f"fixed), got {self.backbone_lr_mult}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise bad("ema", f"the decay must be in (0, 1), e.g. 0.9999, got {self.ema}")
+        if self.ema_warmup_steps < 0:
+            raise bad("ema_warmup_steps", f"must be >= 0, got {self.ema_warmup_steps}")
+
     def _validate_closed(self, bad) -> None:
         """The closed-division rules of MLPerf SSD (SPEC.md section 7): only batch size, LR,
         weight decay, warm-up and the decay boundaries (one k) are free."""
@@ -299,13 +342,28 @@ class TrainConfig:
         if not self.include_crowd:
             raise bad("include_crowd", "the closed division trains on crowd boxes as the reference does "
                       "(--no-include-crowd needs --division open)")
+        # The reference's recipe: SGD, its warm-up, step decay, one LR for every weight, the raw
+        # weights evaluated, no gradient clipping (SPEC.md section 7 frees none of these).
+        for name, fixed, what in (("optimizer", "sgd", "SGD with momentum"),
+                                  ("lr_schedule", "step", "the step decay at --lr-decay-epochs"),
+                                  ("warmup_type", "mlperf", "the reference's warm-up"),
+                                  ("ema", None, "the trained weights, not an EMA of them"),
+                                  ("clip_grad_norm", None, "no gradient clipping"),
+                                  ("freeze_backbone_epochs", 0, "every weight trained from the first step"),
+                                  ("backbone_lr_mult", 1.0, "one LR for every weight")):
+            if getattr(self, name) != fixed:
+                raise bad(name, f"the closed division uses {what}, got {getattr(self, name)!r} "
+                          "(use --division open to change it)")
 
     def differences_for_resume(self, saved: dict[str, Any]) -> list[str]:
         """The flags whose values differ from ``saved`` (a checkpoint's ``config``) and would
         change the training itself, so that a resumed run could not continue it exactly."""
         mine = self.to_dict()
+        may_differ = RESUME_MAY_DIFFER
+        if self.lr_schedule == "cosine":
+            may_differ = may_differ - {"epochs"}  # the cosine spans the planned epochs
         return [f"--{k.replace('_', '-')} {mine[k]!r} (checkpoint: {saved.get(k)!r})"
-                for k in mine if k not in RESUME_MAY_DIFFER and k in saved and mine[k] != saved[k]]
+                for k in mine if k not in may_differ and k in saved and mine[k] != saved[k]]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,4 +1,7 @@
-"""Training and evaluation steps: LR schedule, one epoch, one evaluation, progress output.
+"""Training and evaluation steps: one epoch, one evaluation, progress output.
+
+The recipe's pieces (LR schedule, optimiser, EMA, backbone freezing, gradient clipping) are
+in :mod:`single_stage_detector.recipe`; ``LRSchedule`` stays importable from here.
 
 Nothing here knows about SSD internals: a detector follows the contract of
 :mod:`single_stage_detector.detector`.
@@ -23,6 +26,7 @@ from .data.batch import DetectionBatch
 from .distributed import DistInfo, average_batch_norm_stats
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_results
 from .losses import FiniteLossMonitor
+from .recipe import LRSchedule, ModelEMA, clip_gradients, set_batch_norm_eval, set_learning_rate
 
 __all__ = ["LRSchedule", "AmpSettings", "multi_scale_size", "EpochStats", "MetricsWriter", "ShardedEvalResult", "backward", "optimizer_step", "train_one_epoch",
            "evaluate", "FAULT_INJECT_ENV"]
@@ -37,33 +41,6 @@ def _fault_injection_step(rank: int) -> int | None:
     if value == "" or int(value) != rank:
         return None
     return int(os.environ.get("SSD_FAULT_INJECT_STEP", "1"))
-
-
-@dataclass(frozen=True)
-class LRSchedule:
-    """Learning rate per optimiser step: linear warm-up, then x ``decay_factor`` at each boundary.
-
-    Warm-up follows the MLPerf reference: during the first ``warmup_steps`` steps,
-    ``lr = base_lr * (1 - (warmup_steps - step) / (warmup_steps * 2**warmup_factor))``,
-    i.e. a ramp from ``base_lr * (1 - 2**-factor)`` (0 for factor 0) to ``base_lr``.
-    Decay boundaries are epochs: from the first step of epoch ``e`` (0-based), the LR is
-    multiplied once for every boundary ``<= e``.
-    """
-
-    base_lr: float
-    warmup_steps: int
-    warmup_factor: float
-    decay_epochs: tuple[int, ...]
-    decay_factor: float
-    steps_per_epoch: int
-
-    def __call__(self, step: int) -> float:
-        lr = self.base_lr
-        if step < self.warmup_steps:
-            lr = self.base_lr * (1.0 - (self.warmup_steps - step) / (self.warmup_steps * 2.0 ** self.warmup_factor))
-        epoch = step // max(1, self.steps_per_epoch)
-        decays = sum(1 for b in self.decay_epochs if epoch >= b)
-        return lr * self.decay_factor ** decays
 
 
 @dataclass(frozen=True)
@@ -200,8 +177,14 @@ def backward(loss: Tensor, scaler: "torch.amp.GradScaler | None") -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None") -> None:
-    """Apply and clear the gradients (the scaler skips steps with inf/NaN gradients and adapts its scale)."""
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None",
+                   clip_grad_norm: float | None = None) -> None:
+    """Apply and clear the gradients (the scaler skips steps with inf/NaN gradients and adapts its scale).
+
+    ``clip_grad_norm``: first clip the global gradient norm to it (unscaled first when there
+    is a scaler; :func:`~single_stage_detector.recipe.clip_gradients`, no host sync)."""
+    if clip_grad_norm is not None:
+        clip_gradients(optimizer, clip_grad_norm, scaler)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -224,12 +207,13 @@ def frozen_batch_norm_stats(module: nn.Module):
             m.momentum = momentum
 
 
-def _tail_step(optimizer, scaler, schedule, step, stats):
+def _tail_step(optimizer, scaler, schedule, step, stats, clip_grad_norm, ema):
     """The optimiser step of an epoch's last accumulation group when it ended on an empty batch."""
-    for group in optimizer.param_groups:
-        group["lr"] = schedule(step)
-    optimizer_step(optimizer, scaler)
+    set_learning_rate(optimizer, schedule(step))
+    optimizer_step(optimizer, scaler, clip_grad_norm)
     stats.steps += 1
+    if ema is not None:
+        ema.update(step + 1)
     return step + 1, stats
 
 
@@ -264,6 +248,9 @@ def train_one_epoch(
     start_batch: int = 0,
     should_stop: Callable[[int], bool] | None = None,
     input_size_at: Callable[[int], int] | None = None,
+    clip_grad_norm: float | None = None,
+    ema: ModelEMA | None = None,
+    frozen_bn: nn.Module | None = None,
 ) -> EpochStats:
     """Train for one epoch (``epoch`` is 1-based). Returns the epoch's statistics.
 
@@ -296,12 +283,20 @@ def train_one_epoch(
     ``should_stop(steps done in this epoch)`` is called; True ends the epoch there, with
     ``stats.stopped`` set. It must be cheap (it runs on the hot path).
 
+    Recipe: each parameter group's LR is ``schedule(step)`` times its ``lr_mult``
+    (:func:`~single_stage_detector.recipe.set_learning_rate`); ``clip_grad_norm`` clips the
+    global gradient norm before each optimiser step; ``ema`` is updated after each one
+    (with the run's 1-based step count); the BatchNorm layers of ``frozen_bn`` (a submodule
+    of ``detector``, e.g. a frozen backbone) stay in eval mode for the epoch.
+
     Multi-scale training: ``input_size_at(step)`` (``step`` = optimiser steps done before this
     one) gives the input side of the step; images of another size are resized to it on the
     device (bilinear; the normalised boxes are unchanged). See :func:`multi_scale_size`.
     """
     say = _printer(info)
     detector.train()
+    if frozen_bn is not None:
+        set_batch_norm_eval(frozen_bn)
     stats = EpochStats()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     step = start_step
@@ -329,7 +324,7 @@ def train_one_epoch(
             if not info.distributed:
                 micro += 1  # keeps the accumulation groups aligned with the loader's batches
                 if total_micro is not None and micro == total_micro and micro % accumulation_steps != 0:
-                    step, stats = _tail_step(optimizer, scaler, schedule, step, stats)
+                    step, stats = _tail_step(optimizer, scaler, schedule, step, stats, clip_grad_norm, ema)
                 continue
             if previous is None:
                 raise RuntimeError(f"rank {info.rank}: the first batch of epoch {epoch} is empty (unreadable "
@@ -371,11 +366,12 @@ def train_one_epoch(
             continue
 
         lr = schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer_step(optimizer, scaler)
+        set_learning_rate(optimizer, lr)
+        optimizer_step(optimizer, scaler, clip_grad_norm)
         step += 1
         stats.steps += 1
+        if ema is not None:
+            ema.update(step)
 
         in_epoch = steps_before + stats.steps
         # Read before this step's progress line: a signal sent on seeing that line stops after the next step.

@@ -2,7 +2,9 @@
 checkpoint to resume from, and a check that the output folder can take the run's files.
 
 A resume checkpoint (see :mod:`single_stage_detector.checkpoint`) holds rank 0's model,
-optimiser and grad-scaler state, and under ``resume``:
+optimiser and grad-scaler state, the EMA of the weights under ``ema`` when the run keeps one
+(``--ema``: :meth:`single_stage_detector.recipe.ModelEMA.state_dict`; the same on every
+rank), and under ``resume``:
 
 * ``epoch`` (completed epochs), ``step_in_epoch`` (optimiser steps done in the next one),
   ``step`` (optimiser steps in all: the LR schedule's position), ``seed``, ``world_size``;
@@ -124,12 +126,14 @@ def check_resume_matches(cfg: TrainConfig, path: Path, ckpt: dict, preset_name: 
         raise ConfigError(f"--resume: {path} was trained with other settings: {'; '.join(differ)}")
 
 
-def checkpoint_size_estimate(model: nn.Module) -> int:
-    """Bytes of a resume checkpoint of ``model``: weights and buffers, SGD momentum, per-rank
-    buffers, plus a margin for the pickled structure (an upper bound, for the free-space check)."""
+def checkpoint_size_estimate(model: nn.Module, extra_copies: int = 0) -> int:
+    """Bytes of a resume checkpoint of ``model``: weights and buffers, SGD momentum (or AdamW's
+    first moment), per-rank buffers, ``extra_copies`` more parameter-sized tensors (AdamW's
+    second moment, an EMA of the weights), plus a margin for the pickled structure (an upper
+    bound, for the free-space check)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return int(2 * params + 2 * buffers + 1_000_000)
+    return int((2 + extra_copies) * params + 2 * buffers + 1_000_000)
 
 
 def check_output_writable(cfg: TrainConfig, checkpoint_bytes: int) -> None:

@@ -6,6 +6,7 @@ includes reading the dataset, training and every evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -29,13 +30,15 @@ from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
 from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast_float, broadcast_seed,
                           init_distributed, seed_everything, shutdown, sum_over_ranks, sync_batch_norm)
-from .engine import AmpSettings, LRSchedule, MetricsWriter, evaluate, multi_scale_size, train_one_epoch
+from .engine import AmpSettings, MetricsWriter, evaluate, multi_scale_size, train_one_epoch
 from .evaluation import CocoEvaluator, UndefinedAPError
-from .fast_path import compile_for_training, enable_cudnn_autotune, make_sgd
+from .fast_path import compile_for_training, enable_cudnn_autotune
 from .mlperf_log import RESUMED_KEY, C, MLPerfLogger, move_aside
 from .detectors.base import build_detector, family_of
 from .models import count_parameters
 from .models.mlperf_names import mlperf_tensor_names
+from .recipe import (BackboneFreeze, ModelEMA, extra_state_copies, make_optimizer, make_schedule,
+                     recipe_hyperparameters)
 from .resume import (capture_rank_state, check_output_writable, check_resume_matches, checkpoint_size_estimate,
                      find_resume_checkpoint, gather_over_ranks, restore_rank_state)
 from .signals import StopSignals
@@ -231,10 +234,11 @@ def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
         return _run_with_signals(cfg, info, stop)
 
 
-def _meta_model_bytes(preset) -> int:
-    """The resume checkpoint size of ``preset``'s model, from a model on the meta device (no memory, no I/O)."""
+def _meta_model_bytes(preset, extra_copies: int = 0) -> int:
+    """The resume checkpoint size of ``preset``'s model, from a model on the meta device (no memory, no I/O);
+    ``extra_copies`` more parameter-sized tensors (AdamW's second moment, an EMA)."""
     with torch.device("meta"):
-        return checkpoint_size_estimate(build_detector(preset).model)
+        return checkpoint_size_estimate(build_detector(preset).model, extra_copies)
 
 
 def _resume_position(resumed: tuple[Path, dict] | None) -> dict:
@@ -254,7 +258,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     division = cfg.resolved_division(preset.is_benchmark)
     cfg.validate(closed=division == "closed")
     # Before anything is logged: a read-only or full output folder is a one-line error.
-    check_output_writable(cfg, _meta_model_bytes(preset))
+    check_output_writable(cfg, _meta_model_bytes(preset, extra_state_copies(cfg)))
     resumed = find_resume_checkpoint(cfg, info)  # collective; ConfigError naming a bad file
     if resumed is not None:
         check_resume_matches(cfg, resumed[0], resumed[1], preset.name, info)
@@ -293,9 +297,11 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     eval_amp = m.eval_amp
     global_batch = cfg.global_batch_size(info.world_size)
     lr = cfg.learning_rate(info.world_size)
-    optimizer = make_sgd(detector.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                         device=info.device)  # fused on CUDA
+    # SGD (the benchmark's) or AdamW, fused on CUDA; a backbone group when it is frozen or has its own LR.
+    optimizer = make_optimizer(cfg, detector, lr, info.device)
     scaler = torch.amp.GradScaler(info.device.type) if amp.needs_scaler else None
+    # After the DDP wrapper's broadcast: the same initial average on every rank.
+    ema = ModelEMA(model, cfg.ema, cfg.ema_warmup_steps) if cfg.ema is not None else None
     if resumed is not None:
         # After the DDP wrapper's broadcast of rank 0's state: each rank then gets its own buffers back.
         ckpt = resumed[1]
@@ -303,6 +309,13 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            try:
+                ema.load_state_dict(ckpt.get("ema"))
+            except ValueError as e:
+                raise ConfigError(f"--resume: {resumed[0]}: {e}") from None
+    freeze = (BackboneFreeze(detector, optimizer, cfg.freeze_backbone_epochs, cfg.backbone_lr_mult)
+              if cfg.freeze_backbone_epochs or cfg.backbone_lr_mult != 1.0 else None)
 
     if resumed is None:
         mlog.hyperparameters({
@@ -315,6 +328,9 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             C.MAX_SAMPLES: cfg.max_samples,
             C.OPT_LR_DECAY_BOUNDARY_EPOCHS: list(cfg.lr_decay_epochs),
             C.GRADIENT_ACCUMULATION_STEPS: cfg.gradient_accumulation_steps,
+            # The recipe options: open division only (the closed one allows none of them, and its log
+            # holds only the keys its rules know).
+            **(recipe_hyperparameters(cfg) if division != "closed" else {}),
         })
         if preset.is_benchmark:
             mlog.weights_initialization(list(mlperf_tensor_names(model).values()))
@@ -366,7 +382,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                 save_checkpoint({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "ema": None,  # the harness keeps no EMA of the weights
+                    "ema": ema.state_dict() if ema is not None else None,
                     "epoch": epoch_done, "step": step, "preset": preset.name, "config": _config_to_save(cfg),
                     "ap": last_ap,
                     "resume": {"format": RESUME_FORMAT, "epoch": epoch_done, "step_in_epoch": in_epoch,
@@ -422,8 +438,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             if resumed[1]["resume"]["data"]["backend"] != data.backend:
                 raise ConfigError(f"--resume: {resumed[0]} was trained with --data-backend "
                                   f"{resumed[1]['resume']['data']['backend']}, this run reads with {data.backend}")
-        schedule = LRSchedule(lr, cfg.warmup_steps, cfg.warmup_factor, tuple(cfg.lr_decay_epochs),
-                              cfg.lr_decay_factor, steps_per_epoch)
+        schedule = make_schedule(cfg, lr, steps_per_epoch)  # a pure function of the step
         eval_epochs = set(cfg.evaluation_epochs())
         say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
             f"val: {data.eval_samples} images; "
@@ -435,8 +450,9 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
 
         if cfg.eval_only:
             # No training: one evaluation of the initial (--init-checkpoint) weights, epoch_num 0.
-            last_ap, record_ = _evaluate_and_log(0, detector, data, evaluator, label_to_category, eval_amp, info,
-                                                 channels_last, mlog, metrics, run_start, say, cfg)
+            with _ema_applied(ema):
+                last_ap, record_ = _evaluate_and_log(0, detector, data, evaluator, label_to_category, eval_amp,
+                                                     info, channels_last, mlog, metrics, run_start, say, cfg)
             evaluations.append(record_)
             status = "success" if last_ap >= cfg.threshold else "aborted"
         for epoch in range(epochs_done + 1, 0 if cfg.eval_only else cfg.epochs + 1):
@@ -446,6 +462,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                 break
             mlog.start(C.EPOCH_START, metadata={C.EPOCH_NUM: epoch})
             data.set_epoch(epoch, start_batch=step_in_epoch * cfg.gradient_accumulation_steps)
+            frozen_bn = freeze.start_epoch(epoch) if freeze is not None else None  # backbone LR x 0 or x mult
             stats = train_one_epoch(train_module, optimizer, data.train, epoch=epoch, num_epochs=cfg.epochs,
                                     start_step=step, schedule=schedule, amp=amp, scaler=scaler, info=info,
                                     accumulation_steps=cfg.gradient_accumulation_steps,
@@ -453,7 +470,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                                     steps_per_epoch=steps_per_epoch, epoch_samples=data.train_samples,
                                     batch_size=cfg.batch_size,
                                     start_batch=step_in_epoch * cfg.gradient_accumulation_steps,
-                                    should_stop=agreed_stop, input_size_at=input_size_at)
+                                    should_stop=agreed_stop, clip_grad_norm=cfg.clip_grad_norm, ema=ema,
+                                    frozen_bn=frozen_bn, input_size_at=input_size_at)
             step += stats.steps
             skipped += stats.skipped_samples
             if stats.stopped:
@@ -470,8 +488,9 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             metrics.write(kind="epoch", epoch=epoch, seconds=stats.seconds, images=trained,
                           images_per_s=trained / max(stats.seconds, 1e-9))
             if epoch in eval_epochs:
-                ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, eval_amp, info,
-                                                channels_last, mlog, metrics, run_start, say, cfg)
+                with _ema_applied(ema):  # the EMA weights evaluated, the trained ones restored after
+                    ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, eval_amp,
+                                                    info, channels_last, mlog, metrics, run_start, say, cfg)
                 last_ap = ap
                 evaluations.append(record_)
                 if ap >= cfg.threshold:
@@ -507,7 +526,9 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         average_batch_norm_stats(detector)  # the saved model is the one all ranks evaluate (collective)
     if cfg.save_checkpoint and info.is_main and stopped_by is None:
         save_checkpoint({
-            "model": detector.model.state_dict(), "optimizer": optimizer.state_dict(),
+            # The weights evaluated: the EMA's when there is one.
+            "model": ema.model_state_dict() if ema is not None else detector.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epochs_done, "step": step, "preset": preset.name,
             "config": _config_to_save(cfg), "ap": last_ap,
@@ -523,6 +544,11 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     if info.is_main:
         write_json({k: v for k, v in result.__dict__.items()}, os.path.join(cfg.output_dir, "result.json"))
     return result
+
+
+def _ema_applied(ema: ModelEMA | None):
+    """The EMA weights in the model for the block (evaluation), or nothing without an EMA."""
+    return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
 def _config_to_save(cfg: TrainConfig) -> dict:
