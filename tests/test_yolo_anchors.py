@@ -2,7 +2,6 @@
 
 Golden values are computed by hand in the comments next to them.
 """
-import argparse
 import json
 import math
 import subprocess
@@ -391,11 +390,8 @@ def test_boxes_to_image_scales_and_clips():
 
     assert boxes_to_image(Letterboxed(), boxes[:1], 200, 100).tolist() == [[100.0, 100.0, 200.0, 100.0]]
 
-    class Preset:
-        input_size = 64
+    from single_stage_detector.detectors.base import get_preset
 
-        def eval_transform(self):
-            return "family transform"
-
-    assert eval_transform(Preset()) == "family transform"
-    assert type(eval_transform(argparse.Namespace(input_size=64))).__name__ == "SSDEvalTransform"
+    # Each preset's family transform: SSD's (ImageNet normalisation) and YOLO's (RGB / 255).
+    assert type(eval_transform(get_preset("ssd_tiny"))).__name__ == "SSDEvalTransform"
+    assert type(eval_transform(get_preset("yolov3_tiny_cpu"))).__name__ == "YOLOEvalTransform"
