@@ -9,7 +9,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
     Each tool lives in its own module; heavy imports (matplotlib, torch) happen when it runs.
     """
-    from . import check_logs, evaluate_checkpoint, kmeans_anchors, package, plots, predict, score, show_detections
+    from . import (check_logs, darknet_weights_cli, evaluate_checkpoint, kmeans_anchors, package, plots, predict, score,
+                   show_detections)
 
     for module in (evaluate_checkpoint, check_logs, score, package, plots, show_detections):
         module.add_parser(sub)
@@ -18,7 +19,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
             ("predict", predict, "detections of a checkpoint on image files or folders: COCO-style JSON and "
                                  "pictures"),
             ("kmeans-anchors", kmeans_anchors, "YOLO anchors by k-means (1 - IoU) of a COCO file's boxes, with "
-                                               "mean IoU and best-possible recall")):
+                                               "mean IoU and best-possible recall"),
+            ("darknet-weights", darknet_weights_cli, "darknet .weights files to and from checkpoint.pt (YOLOv3)")):
         sub.add_parser(name, help=text, description=(module.__doc__ or "").strip().split("\n\n")[0],
                        populate=module.add_arguments).set_defaults(func=module.main)
 
