@@ -32,9 +32,12 @@ venv: $(VENV)/.installed
 
 # The demo's exit status is the training's (0: target reached); the plots and the detection
 # grid drawn after it are extras whose failure is reported but does not change it.
-DEMO_OUT ?= output/demo
+# `make demo PRESET=yolov3_tiny_cpu`: the demo of another small preset (output/demo-<preset>).
+PRESET ?=
+DEMO_OUT ?= output/demo$(if $(PRESET),-$(PRESET),)
 demo: venv
-	@status=0; $(PY) -m single_stage_detector demo --output-dir $(DEMO_OUT) $(ARGS) || status=$$?; \
+	@status=0; $(PY) -m single_stage_detector demo $(if $(PRESET),--preset $(PRESET),) --output-dir $(DEMO_OUT) $(ARGS) \
+	  || status=$$?; \
 	if [ -f $(DEMO_OUT)/mlperf.log ]; then \
 	  $(PY) -m single_stage_detector plot $(DEMO_OUT)/mlperf.log --output $(DEMO_OUT)/plots > /dev/null \
 	    || echo "warning: plotting $(DEMO_OUT)/mlperf.log failed" >&2; \

@@ -41,8 +41,15 @@ DEMO_DEFAULTS = {
 
 # The demo of another preset: what differs from DEMO_DEFAULTS (flags given on the command line win).
 DEMO_PRESET_DEFAULTS: dict[str, dict] = {
+    # AdamW converges in fewer epochs than SGD for this small model trained from scratch (SGD
+    # at LR 0.01: AP 0.13 after 4 epochs; AdamW at 2e-3: 0.14, then 0.23 after the decay at 6).
     "yolov3_tiny_cpu": {
         "output_dir": "output/demo-yolov3_tiny_cpu",
+        "optimizer": "adamw",
+        "lr": 0.002,
+        "epochs": 8,
+        "lr_decay_epochs": (6, 7),
+        "eval_start": 3,
     },
 }
 
