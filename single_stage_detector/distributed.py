@@ -63,7 +63,7 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
         if reason is None:
             return torch.device("cuda", _local_gpu(local_rank))
         if torch.version.cuda is not None:  # a CUDA build on a machine without a usable GPU: say so
-            print(f"WARNING: --device auto: running on the CPU because {reason}. GPU configurations pass "
+            print(f"WARNING: --device auto: running on the CPU ({reason}). GPU configurations pass "
                   "--device cuda, which stops here instead.", file=sys.stderr, flush=True)
         return torch.device("cpu")
     device = torch.device(requested)
