@@ -63,6 +63,19 @@ PLAN = {
         "run", BENCH_SHORT, 0),
     "python -m single_stage_detector benchmark --parts components": ("run", BENCH_SHORT, 0),
     "python -m single_stage_detector benchmark --parts data --photos --num-workers 2": ("run", BENCH_SHORT, 0),
+    "make demo PRESET=yolov3_tiny_cpu": ("skip", "the YOLOv3 demo to its target runs in tests/test_yolo_demo.py"),
+    "python -m single_stage_detector check-logs output/demo-yolov3_tiny_cpu/mlperf.log": (
+        "skip", "needs the YOLOv3 demo's output; its log is checked in tests/test_yolo_demo.py"),
+    "python -m single_stage_detector kmeans-anchors data/synthetic/annotations/instances_train2017.json --num 9 "
+    "--input-size 128": ("run", "", 0),
+    "python -m single_stage_detector darknet-weights import yolov3.weights -o yolov3.pt": (
+        "skip", "internet: the published YOLOv3 weights (the round trip is in tests/test_yolo_harness.py)"),
+    "python -m single_stage_detector evaluate yolov3.pt --data-dir /data/coco2017": (
+        "skip", "needs the real COCO and the published weights"),
+    "python -m single_stage_detector predict photos/ --checkpoint output/demo-yolov3_tiny_cpu/checkpoint.pt": (
+        "skip", "needs the YOLOv3 demo's checkpoint; predict runs in tests/test_yolo_harness.py"),
+    "python -m single_stage_detector benchmark --preset yolov3_darknet53": (
+        "skip", "a GPU command (minutes per step on 2 cores); the YOLO benchmark runs in tests/test_yolo_harness.py"),
     "make wheelhouse PY=3.12": ("skip", "internet: downloads wheels"),
     "WHEELHOUSE=wheelhouse make gpu-check OUT=output/gpu_check": (
         "skip", "needs the wheel folder of make wheelhouse; the check runs on the CPU in tests/test_gpu_check.py"),

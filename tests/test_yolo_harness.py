@@ -118,3 +118,16 @@ def test_multi_scale_sizes_reach_the_detector_every_10_steps():
                     log_every=1000, steps_per_epoch=30, input_size_at=sizes)
     assert det.sides == [sizes(step) for step in range(5, 35)]
     assert len(set(det.sides)) > 1
+
+
+def test_benchmark_times_a_yolo_preset(capsys):
+    from single_stage_detector.benchmark import add_benchmark_arguments, run_benchmark
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_benchmark_arguments(parser)
+    rows = run_benchmark(parser.parse_args(["--preset", "yolov3_tiny_cpu", "--batch-size", "2", "--warmup", "0",
+                                            "--iters", "1", "--device", "cpu"]))
+    assert [r["part"] for r in rows] == ["train step (fwd+loss+bwd+SGD)", "inference (fwd+decode+NMS)"]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "preset yolov3_tiny_cpu (input 128)" in capsys.readouterr().out
