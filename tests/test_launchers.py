@@ -235,11 +235,30 @@ def test_config_sets_the_contract_and_valid_trainer_flags(config):
     assert config.read_text().startswith("# shellcheck shell=bash\n# config_")  # documented header
     cfg = _trainer_config(v)
     assert cfg.batch_size == int(v["BATCHSIZE"])
-    if v["DGXSYSTEM"] != "CPU":  # the benchmark: MLPerf closed-division rules
-        assert cfg.preset == "ssd300_resnet34" and not cfg.synthetic
-        assert cfg.device == "cuda"  # no silent fall-back to the CPU on a node without a usable GPU
+    if v["DGXSYSTEM"] != "CPU":
+        assert cfg.device == "cuda" and not cfg.synthetic  # no silent fall-back to the CPU
+    if v["DGXSYSTEM"] != "CPU" and cfg.preset == "ssd300_resnet34":  # the benchmark: closed-division rules
         cfg.validate(closed=True)
         assert cfg.eval_every == 5 and cfg.max_samples in (1, 50) and cfg.lr is not None
+    elif v["DGXSYSTEM"] != "CPU":  # another family: open division, its preset's own checks
+        from single_stage_detector.train import resolve_preset
+
+        preset, resolved = resolve_preset(cfg)
+        resolved.validate(closed=False)
+        assert preset.family != "ssd" and resolved.threshold == preset.quality_target
+
+
+def test_yolov3_config_is_darknets_schedule():
+    """configs/config_1xH100_YOLOV3.sh: darknet's yolov3.cfg in epochs of COCO train2017 at batch 64."""
+    v = source_config(REPO / "configs" / "config_1xH100_YOLOV3.sh")
+    cfg = _trainer_config(v)
+    steps_per_epoch = 117_266 / 64  # COCO train2017 images with boxes, batch 64
+    assert cfg.preset == "yolov3_darknet53" and cfg.batch_size == 64 and cfg.lr == 1e-3
+    assert (cfg.warmup_type, cfg.warmup_power, cfg.warmup_steps) == ("power", 4, 1000)
+    assert round(500_200 / steps_per_epoch) == cfg.epochs == 273
+    assert [round(s / steps_per_epoch) for s in (400_000, 450_000)] == list(cfg.lr_decay_epochs) == [218, 246]
+    assert tuple(cfg.multi_scale) == (320, 608) and cfg.momentum == 0.9 and cfg.weight_decay == 5e-4
+    assert v["BACKBONE"].endswith("darknet53.conv.74")
 
 
 def test_gpu_config_recipes():
