@@ -53,6 +53,12 @@ class SSDDetector(nn.Module):
         self._coder: BoxCoder | None = None
 
     @property
+    def eval_policy(self) -> dict:
+        """The evaluation's post-processing settings (the MLPerf reference's), as reported with results."""
+        return {"score_threshold": self.score_threshold, "nms_threshold": self.nms_threshold,
+                "max_per_class": 200, "max_detections": self.max_detections, "clip_boxes": self.clip_boxes}
+
+    @property
     def box_coder(self) -> BoxCoder:
         if self._coder is None or self._coder.default_boxes.device != self.default_boxes.device:
             self._coder = BoxCoder(self.default_boxes, iou_threshold=self.iou_threshold)

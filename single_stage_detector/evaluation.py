@@ -23,6 +23,8 @@ from .data.coco import COCO_CATEGORIES, DatasetError
 
 __all__ = [
     "COCO_STAT_NAMES",
+    "VOC_STAT_NAME",
+    "voc_map50",
     "EvalResult",
     "to_coco_results",
     "CocoEvaluator",
@@ -36,6 +38,45 @@ COCO_STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
     "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
 )
+# Reported beside them (``EvalResult.stats``): the PASCAL VOC metric, see :func:`voc_map50`.
+VOC_STAT_NAME = "VOC_mAP50"
+
+
+def voc_map50(evaluated) -> float:
+    """PASCAL VOC-style mAP@0.5 from a ``COCOeval`` after ``evaluate()``.
+
+    The matches are COCOeval's at IoU 0.5 (greedy by score, each ground truth once, area
+    "all", at most ``maxDets[-1]`` detections per image and class); a detection matched to a
+    crowd box is ignored, as VOC ignores "difficult" objects. Per class, the precision-recall
+    curve is interpolated at every recall point (VOC2010 onwards: the area under the
+    monotone precision envelope, ``VOCdevkit`` ``VOCevaldet``), not COCO's 101 points; the
+    mean is over the classes with at least one non-crowd ground truth (0.0 if none).
+    """
+    params = evaluated.params
+    t50 = int(np.argmin(np.abs(np.asarray(params.iouThrs) - 0.5)))
+    max_det = params.maxDets[-1]
+    n_images, n_areas = len(params.imgIds), len(params.areaRng)
+    aps = []
+    for k in range(len(params.catIds)):
+        # evalImgs is ordered category, area range, image; area range 0 is "all".
+        entries = [e for e in evaluated.evalImgs[k * n_areas * n_images:k * n_areas * n_images + n_images]
+                   if e is not None]
+        npos = sum(int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)) for e in entries)
+        if npos == 0:
+            continue
+        scores = np.concatenate([np.asarray(e["dtScores"][:max_det]) for e in entries] or [np.zeros(0)])
+        matched = np.concatenate([np.asarray(e["dtMatches"])[t50, :max_det] for e in entries] or [np.zeros(0)])
+        ignored = np.concatenate([np.asarray(e["dtIgnore"])[t50, :max_det] for e in entries] or [np.zeros(0)])
+        order = np.argsort(-scores, kind="mergesort")
+        matched, ignored = matched[order] > 0, ignored[order].astype(bool)
+        tp = np.cumsum(matched & ~ignored)
+        fp = np.cumsum(~matched & ~ignored)
+        recall = np.concatenate([[0.0], tp / npos, [1.0]])
+        precision = np.concatenate([[0.0], tp / np.maximum(tp + fp, 1), [0.0]])
+        precision = np.maximum.accumulate(precision[::-1])[::-1]  # the monotone envelope
+        steps = np.nonzero(recall[1:] != recall[:-1])[0]
+        aps.append(float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1])))
+    return float(np.mean(aps)) if aps else 0.0
 
 
 @dataclass
@@ -48,6 +89,7 @@ class EvalResult:
     num_detections: int = 0
     seconds: float = 0.0
     summary: str = ""
+    policy: dict | None = None  # the detector's post-processing settings (``eval_policy``), when known
 
 
 def to_coco_results(
@@ -256,7 +298,7 @@ class CocoEvaluator:
                                    f"{len(ids)} evaluated image(s): AP is undefined")
         if not results:
             # loadRes rejects an empty list; no detection means AP 0 by definition.
-            stats = {name: 0.0 for name in COCO_STAT_NAMES}
+            stats = {name: 0.0 for name in (*COCO_STAT_NAMES, VOC_STAT_NAME)}
             return EvalResult(ap=0.0, stats=stats, num_images=len(ids), num_detections=0,
                               seconds=time.perf_counter() - start, summary="no detections")
         buf = io.StringIO()
@@ -268,6 +310,7 @@ class CocoEvaluator:
             ev.accumulate()
             ev.summarize()
         stats = {name: float(v) for name, v in zip(COCO_STAT_NAMES, np.asarray(ev.stats).tolist())}
+        stats[VOC_STAT_NAME] = voc_map50(ev)
         if not stats["AP"] >= 0.0:  # -1 (no ground truth) or NaN: never an accuracy
             raise UndefinedAPError(f"COCO AP is undefined ({stats['AP']}) on {len(ids)} image(s) of "
                                    f"{self.annotation_file}")

@@ -337,6 +337,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
 
     derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, eval_amp, channels_last, model,
                                 log_file)
+    derived["family"] = family.name
+    derived["eval_policy"] = getattr(detector, "eval_policy", None)
     if resumed is not None:
         derived["resumed_from"] = str(resumed[0])
     if info.is_main:
@@ -600,5 +602,6 @@ def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, 
                **{f"coco_{k}": v for k, v in result.stats.items()}}
     metrics.write(kind="eval", **record_)
     say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
+        f"VOC mAP@0.5 {result.stats.get('VOC_mAP50', float('nan')):.4f}, "
         f"{result.num_images} images, {result.seconds:.1f} s), target {cfg.threshold}")
     return ap, record_

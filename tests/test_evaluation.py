@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from single_stage_detector.evaluation import CocoEvaluator, _dedupe, to_coco_results
+from single_stage_detector.evaluation import COCO_STAT_NAMES, CocoEvaluator, _dedupe, to_coco_results
 
 LUT = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13])  # label -> COCO id (12 -> 13: the id gap)
 
@@ -54,7 +54,7 @@ def test_detections_equal_to_ground_truth_give_ap_one(tmp_path):
     assert r["bbox"] == pytest.approx([10, 10, 50, 40], abs=1e-3)
     res = CocoEvaluator(tmp_path / "gt.json").evaluate(results)
     assert res.ap == pytest.approx(1.0)
-    assert len(res.stats) == 12 and res.stats["AP50"] == pytest.approx(1.0)
+    assert len(res.stats) == 13 and res.stats["AP50"] == pytest.approx(1.0) and res.stats["VOC_mAP50"] == 1.0
 
 
 def test_hand_made_detections_match_plain_pycocotools(tmp_path):
@@ -73,7 +73,7 @@ def test_hand_made_detections_match_plain_pycocotools(tmp_path):
         gt = COCO(str(tmp_path / "gt.json"))
         ev = COCOeval(gt, gt.loadRes(results), "bbox")
         ev.evaluate(); ev.accumulate(); ev.summarize()
-    np.testing.assert_allclose(list(res.stats.values()), ev.stats)
+    np.testing.assert_allclose([res.stats[k] for k in COCO_STAT_NAMES], ev.stats)
     assert 0.0 < res.ap < 1.0
 
 
@@ -158,3 +158,35 @@ def test_malformed_ground_truth_entry_names_the_file_and_entry(tmp_path):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     with pytest.raises(DatasetError, match=r"gt.json: annotation entry #1 \(id 2\): category_id 'person'"):
         CocoEvaluator(tmp_path / "gt.json")
+
+
+def test_voc_map50_hand_computed_beside_coco_ap50(tmp_path):
+    """VOC all-point interpolation on COCOeval's matches at IoU 0.5, a crowd match ignored.
+
+    Class 1 (person): 2 ground truths; detections by score: TP (0.9), FP (0.8), TP (0.7).
+    Precision-recall points (R 0.5, P 1), (0.5, 1/2), (1, 2/3); envelope 1 up to R 0.5, then 2/3:
+    AP = 0.5 x 1 + 0.5 x 2/3 = 5/6 (COCO's 101-point AP50 is (51 x 1 + 50 x 2/3) / 101 = 0.835).
+    Class 13 (stop sign): 1 ground truth and 1 crowd box; the detection on the crowd box is
+    ignored, the other is a TP: AP 1. mAP = (5/6 + 1) / 2.
+    """
+    gt = {
+        "images": [{"id": 1, "height": 100, "width": 200}, {"id": 2, "height": 100, "width": 200}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [100, 20, 40, 60], "area": 2400, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 13, "bbox": [100, 20, 60, 60], "area": 3600, "iscrowd": 0},
+            {"id": 4, "image_id": 2, "category_id": 13, "bbox": [0, 0, 80, 80], "area": 6400, "iscrowd": 1},
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 13, "name": "stop sign"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "score": 0.9},    # TP
+        {"image_id": 1, "category_id": 1, "bbox": [150, 60, 30, 30], "score": 0.8},   # FP
+        {"image_id": 2, "category_id": 1, "bbox": [100, 20, 40, 60], "score": 0.7},   # TP
+        {"image_id": 1, "category_id": 13, "bbox": [100, 20, 60, 60], "score": 0.6},  # TP
+        {"image_id": 2, "category_id": 13, "bbox": [0, 0, 80, 80], "score": 0.95},    # on the crowd box
+    ]
+    res = CocoEvaluator(tmp_path / "gt.json").evaluate(results)
+    assert res.stats["VOC_mAP50"] == pytest.approx((5 / 6 + 1.0) / 2, abs=1e-12)
+    assert res.stats["AP50"] == pytest.approx(((51 + 50 * 2 / 3) / 101 + 1.0) / 2, abs=1e-6)

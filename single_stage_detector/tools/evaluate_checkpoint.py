@@ -69,8 +69,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
     val = build_eval_input(cfg, input_size=preset.input_size, device=dev, eval_transform=family.eval_transform(preset))
     label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
     try:
-        return evaluate(detector, val.loader, CocoEvaluator(val.annotation_file), label_to_category,
-                        amp=AmpSettings.resolve_eval(amp, dev), info=DistInfo(device=dev))
+        result = evaluate(detector, val.loader, CocoEvaluator(val.annotation_file), label_to_category,
+                          amp=AmpSettings.resolve_eval(amp, dev), info=DistInfo(device=dev))
+        result.policy = getattr(detector, "eval_policy", None)
+        return result
     finally:
         val.close()
 
@@ -91,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir), "ap": result.ap,
                           "num_images": result.num_images, "num_detections": result.num_detections,
-                          "seconds": result.seconds, "stats": result.stats}))
+                          "seconds": result.seconds, "stats": result.stats, "policy": result.policy}))
         return 0
     print(f"{args.checkpoint} on {data_dir}: {result.num_images} images, {result.num_detections} detections, "
           f"{result.seconds:.1f} s")
     for name, value in result.stats.items():
         print(f"  {name:<10} {value:.4f}")
+    if result.policy:
+        print("policy: " + ", ".join(f"{k} {v}" for k, v in result.policy.items()
+                                     if isinstance(v, (int, float, bool)) or v is None))
     return 0
