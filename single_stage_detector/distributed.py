@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -64,7 +63,7 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
             return torch.device("cuda", _local_gpu(local_rank))
         if torch.version.cuda is not None:  # a CUDA build on a machine without a usable GPU: say so
             print(f"WARNING: --device auto: running on the CPU ({reason}). GPU configurations pass "
-                  "--device cuda, which stops here instead.", file=sys.stderr, flush=True)
+                  "--device cuda, which stops here instead.", flush=True)
         return torch.device("cpu")
     device = torch.device(requested)
     if device.type == "cuda":

@@ -17,7 +17,10 @@ def test_flags_round_trip_and_defaults_are_the_benchmarks():
     cfg = _parse(["--data-dir", "/d", "--lr-decay-epochs", "44", "55", "--no-save-checkpoint", "--seed", "7"])
     assert cfg.lr_decay_epochs == (44, 55) and cfg.save_checkpoint is False and cfg.seed == 7
     d = TrainConfig(data_dir="/d")
-    assert (d.preset, d.threshold, d.momentum, d.weight_decay, d.max_samples) == ("ssd300_resnet34", 0.23, 0.9, 5e-4, 1)
+    assert (d.preset, d.threshold, d.momentum, d.weight_decay, d.max_samples) == ("ssd300_resnet34", None, 0.9, 5e-4, 1)
+    from single_stage_detector.train import resolve_preset
+
+    assert resolve_preset(d)[1].threshold == 0.23  # no --threshold: the benchmark preset's target
     assert d.evaluation_epochs()[:3] == [5, 10, 15]
 
 

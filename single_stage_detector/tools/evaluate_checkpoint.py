@@ -87,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     ckpt = load_checkpoint_arg(args.checkpoint)
     data_dir = checkpoint_data_dir(ckpt, args.checkpoint, args.data_dir)
-    result = evaluate_checkpoint(ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
-                                 max_images=args.max_images, all_images=args.all_images, device=args.device,
-                                 amp=args.amp, clip_boxes=args.clip_boxes, data_backend=args.data_backend)
+    import contextlib
+    import sys
+
+    # With --json, stdout holds the JSON object alone: notes (the device warning) go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = evaluate_checkpoint(ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
+                                     max_images=args.max_images, all_images=args.all_images, device=args.device,
+                                     amp=args.amp, clip_boxes=args.clip_boxes, data_backend=args.data_backend)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir), "ap": result.ap,
                           "num_images": result.num_images, "num_detections": result.num_detections,
