@@ -12,6 +12,8 @@ PIP_QUIET ?= -q
 EXTRAS ?= test,dali
 ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core, at most 4; PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
 
 .PHONY: all venv demo test benchmark wheelhouse gpu-check clean
 
@@ -51,7 +53,7 @@ demo: venv
 	exit $$status
 
 test: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 benchmark: venv
 	$(PY) -m single_stage_detector benchmark $(ARGS)

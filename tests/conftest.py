@@ -28,7 +28,14 @@ def demo_run(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Mark ``cuda`` every test that is skipped when CUDA is unavailable (a ``skipif`` whose
-    reason names CUDA), so that ``pytest -m cuda`` (the GPU check) selects exactly those."""
+    reason names CUDA), so that ``pytest -m cuda`` (the GPU check) selects exactly those.
+
+    Under ``pytest -n N --dist loadgroup`` (``make test``): the tests of one file run on one
+    worker (their module and session fixtures are built once), and every test that uses the
+    trained ``demo_run`` joins one group, so that the demo trains once."""
+    for item in items:
+        group = "demo_run" if "demo_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
     for item in items:
         if any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.cuda)
