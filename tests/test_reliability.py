@@ -207,18 +207,52 @@ def test_sigterm_mid_epoch_then_resume_with_workers_is_exact(coco, reference, tm
     assert _lrs(out) == _lrs(reference)
 
 
-@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
-def test_dali_sigterm_then_resume_is_exact(coco, tmp_path):
-    args = [*RUN, "--data-dir", str(coco), "--num-workers", "1", "--data-backend", "dali", "--epochs", "4"]
-    full = _train([*args, "--output-dir", "full"], tmp_path)
-    assert full.returncode == 3, full.stderr[-3000:]
+DALI_ARGS = ["--num-workers", "1", "--data-backend", "dali"]
+
+
+@pytest.fixture(scope="module")
+def dali_reference(coco, tmp_path_factory):
+    """The uninterrupted 4-epoch run with the DALI pipelines (CPU graph)."""
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    cwd = tmp_path_factory.mktemp("dali_reference")
+    proc = _train([*RUN, *DALI_ARGS, "--data-dir", str(coco), "--output-dir", "out", "--epochs", "4"], cwd)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    return cwd / "out"
+
+
+def test_dali_sigterm_then_resume_is_exact(coco, dali_reference, tmp_path):
+    args = [*RUN, "--data-dir", str(coco), *DALI_ARGS, "--epochs", "4"]
     rc, output, _ = _train_until([*args, "--output-dir", "out"], tmp_path, "epoch 3/4 step 1/4")
     assert rc == 5, output[-3000:]
     _mllog(tmp_path / "out" / "mlperf.log")
     second = _train([*args, "--output-dir", "out", "--resume", "auto"], tmp_path)
     assert second.returncode == 3, second.stderr[-3000:]
-    _assert_bit_identical(_weights(tmp_path / "full"), _weights(tmp_path / "out"))
-    assert _lrs(tmp_path / "out") == _lrs(tmp_path / "full")
+    _assert_bit_identical(_weights(dali_reference), _weights(tmp_path / "out"))
+    assert _lrs(tmp_path / "out") == _lrs(dali_reference)
+
+
+@pytest.mark.parametrize("stop, backend", [("sigterm", "torch, 0 workers"), ("epochs", "torch, 2 workers"),
+                                           ("epochs", "dali")])
+def test_the_other_stops_and_backends_resume_exactly(stop, backend, coco, reference, request, tmp_path):
+    """The rest of the matrix (stop by SIGTERM or by `--epochs 2`) x (torch at 0 and 2 workers,
+    DALI); the tests above cover `--epochs` at 0 workers and SIGTERM at 2 workers and with DALI."""
+    flags = {"torch, 0 workers": ["--num-workers", "0"], "torch, 2 workers": ["--num-workers", "2"],
+             "dali": DALI_ARGS}[backend]
+    expected = request.getfixturevalue("dali_reference") if backend == "dali" else reference
+    args = [*RUN, "--data-dir", str(coco), "--output-dir", "out", *flags]
+    if stop == "epochs":
+        first = _train([*args, "--epochs", "2"], tmp_path)
+        assert first.returncode == 3, first.stderr[-3000:]
+    else:
+        rc, output, _ = _train_until([*args, "--epochs", "4"], tmp_path, "epoch 3/4 step 1/4")
+        assert rc == 5, output[-3000:]
+    _assert_no_partial_checkpoint(tmp_path / "out")
+    second = _train([*args, "--epochs", "4", "--resume", "auto"], tmp_path)
+    assert second.returncode == 3, second.stderr[-3000:]
+    _assert_bit_identical(_weights(expected), _weights(tmp_path / "out"))
+    assert _lrs(tmp_path / "out") == _lrs(expected)
+    assert [r["key"] for r in _mllog(tmp_path / "out" / "mlperf.log")].count("run_resumed") == 1
 
 
 def _assert_workers_exited(proc: subprocess.CompletedProcess, status: int) -> None:
