@@ -239,9 +239,10 @@ EVAL_ROWS: dict[str, Callable[[Path], None]] = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def eval_aps(demo_run, tmp_path_factory):
-    """AP of the demo checkpoint on each mutated val split, per backend."""
+    """AP of the demo checkpoint on each mutated val split, per backend (session scope: built
+    once even when the demo's other users run between these tests, as under pytest-xdist)."""
     assert demo_run["proc"].returncode == 0, demo_run["proc"].stderr[-3000:]
     ckpt = demo_run["out"] / "checkpoint.pt"
     results: dict[str, dict[str, dict]] = {}
