@@ -26,6 +26,12 @@ def demo_run(tmp_path_factory):
     return {"out": out, "data": data, "proc": proc}
 
 
+# Groups of several minutes each (pytest-xdist): the trained demo and its users, the two other
+# demos to their targets, the bad-input table (two training runs per row), the fault tests.
+LONGEST_GROUPS_FIRST = ("demo_run", "tests/test_yolo_demo.py", "tests/test_dali.py", "tests/test_bad_input.py",
+                        "tests/test_reliability.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark ``cuda`` every test that is skipped when CUDA is unavailable (a ``skipif`` whose
     reason names CUDA), so that ``pytest -m cuda`` (the GPU check) selects exactly those.
@@ -33,9 +39,14 @@ def pytest_collection_modifyitems(config, items):
     Under ``pytest -n N --dist loadgroup`` (``make test``): the tests of one file run on one
     worker (their module and session fixtures are built once), and every test that uses the
     trained ``demo_run`` joins one group, so that the demo trains once."""
+    groups = {}
     for item in items:
         group = "demo_run" if "demo_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item.nodeid] = group
+    # The longest groups first (workers take groups in this order): no demo left for the end.
+    first = {g: i for i, g in enumerate(LONGEST_GROUPS_FIRST)}
+    items.sort(key=lambda it: first.get(groups[it.nodeid], len(first)))
     for item in items:
         if any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.cuda)
