@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): one per core, at most 4; PYTEST_WORKERS=0 runs them in this process.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
 
-.PHONY: all venv demo test benchmark wheelhouse gpu-check clean
+.PHONY: all venv demo test test-demos benchmark wheelhouse gpu-check clean
 
 all: test
 
@@ -52,8 +52,13 @@ demo: venv
 	fi; \
 	exit $$status
 
+# `make test` leaves out the demos besides the SSD one (YOLOv3 and DALI to their targets, a few
+# minutes each on 2 cores); `make test-demos` runs them, one after the other on idle cores.
 test: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not demo" $(PYTEST_ARGS)
+
+test-demos: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m pytest -m demo $(PYTEST_ARGS)
 
 benchmark: venv
 	$(PY) -m single_stage_detector benchmark $(ARGS)

@@ -358,6 +358,7 @@ def test_build_data_pipeline_dali(coco):
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_demo_reaches_target_with_dali(tmp_path):
     """The CPU demo with --data-backend dali reaches 0.23 (a few minutes on 2 idle cores)."""
     out = tmp_path / "out"
