@@ -12,8 +12,10 @@ PIP_QUIET ?= -q
 EXTRAS ?= test,dali
 ARGS ?=
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist): one per core, at most 4; PYTEST_WORKERS=0 runs them in this process.
-PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
+# Test processes (pytest-xdist). Default 0: one process. The suite's training runs each use
+# every core, so on 2 cores a second process only contends (a demo took 2-3x longer); on a
+# machine with more cores, PYTEST_WORKERS=4 runs the suite in 4 processes, grouped by file.
+PYTEST_WORKERS ?= 0
 
 .PHONY: all venv demo test test-demos benchmark wheelhouse gpu-check clean
 

@@ -32,6 +32,7 @@ LONGEST_GROUPS_FIRST = ("demo_run", "tests/test_yolo_demo.py", "tests/test_dali.
                         "tests/test_reliability.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Mark ``cuda`` every test that is skipped when CUDA is unavailable (a ``skipif`` whose
     reason names CUDA), so that ``pytest -m cuda`` (the GPU check) selects exactly those.
