@@ -55,3 +55,21 @@ def require_positive(args, *flags: str, minimum: int = 1) -> None:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None and value < minimum:
             raise ConfigError(f"{flag}: must be >= {minimum}, got {value}")
+
+
+def run_standalone(module_name: str, description: str, add_arguments, main, argv: "list[str] | None" = None) -> int:
+    """``python -m <module_name>``: a tool's command outside the main CLI (its flags from
+    ``add_arguments``); bad input (ConfigError is a ValueError, or an OSError) is one line, exit 2."""
+    import sys
+
+    from ..config import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=description,
+                                     formatter_class=HelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -138,17 +138,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _standalone(argv: list[str] | None = None) -> int:
     """``python -m single_stage_detector.tools.kmeans_anchors``: the same command outside the main CLI."""
-    from ..config import HelpFormatter
+    from .cli import run_standalone
 
-    parser = argparse.ArgumentParser(prog="python -m single_stage_detector.tools.kmeans_anchors",
-                                     description=DESCRIPTION, formatter_class=HelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return main(args)
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError: bad input, one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_standalone("single_stage_detector.tools.kmeans_anchors", DESCRIPTION, add_arguments, main, argv)
 
 
 if __name__ == "__main__":
