@@ -16,11 +16,11 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from cli_runner import run_cli
 from dataset_surgery import (_ann_path, _image_file, _load, _oversized_header, _rewrite_image, _save, _truncate,
                              with_exif_orientation)
 from PIL import Image
@@ -163,8 +163,9 @@ def base_dataset(tmp_path_factory):
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "single_stage_detector", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    # A real process per run, forked from a process that has imported torch and DALI already:
+    # a row's run takes a fraction of a second, a fresh interpreter's imports several seconds.
+    return run_cli(args, cwd=cwd, timeout=600)
 
 
 _WARNING = re.compile(r"(?:DataWarning|UserWarning): (.*)$")

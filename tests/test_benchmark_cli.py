@@ -1,12 +1,11 @@
 """The benchmark command prints an images/s table naming device, preset and batch size."""
 import re
 import subprocess
-import sys
+from cli_runner import run_cli
 
 
 def _benchmark(args: list[str], cwd) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "single_stage_detector", "benchmark", *args],
-                          capture_output=True, text=True, timeout=600, cwd=cwd)
+    proc = run_cli(["benchmark", *args], timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

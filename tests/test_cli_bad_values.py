@@ -1,9 +1,9 @@
 """Every subcommand with bad values: one line on stderr naming the flag or the file, exit status
 2, no traceback; and the CLI's start-up and help.
 
-A few cases run as real subprocesses (what a user sees, exit status included); the others
-call the same entry point in this process, which is what the subprocess runs, only
-without paying for a new interpreter and torch import per case. Files of the wrong kind: a
+A few cases run as real processes (what a user sees, exit status included; forked by
+``cli_runner`` from a process that has imported torch already); the others call the same
+entry point in this process. Files of the wrong kind: a
 text file, a folder, a torch file that is not a checkpoint.
 """
 import argparse
@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from cli_runner import run_cli
 
 CLI = [sys.executable, "-m", "single_stage_detector"]
 
@@ -87,7 +88,7 @@ IN_SUBPROCESS = {"train-unknown-preset", "train-range", "evaluate-log-as-checkpo
 
 
 def _run(args: list[str], cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return run_cli(args, cwd=cwd, timeout=300)
 
 
 def _run_here(args: list[str], capsys) -> subprocess.CompletedProcess:

@@ -1,14 +1,12 @@
 """Bad input through the real CLI: a clear message naming the file or flag, nothing lost."""
 import json
 import shutil
-import subprocess
-import sys
+from cli_runner import run_cli
 
 
 
 def _run(args, cwd):
-    return subprocess.run([sys.executable, "-m", "single_stage_detector", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return run_cli(args, cwd=cwd, timeout=600)
 
 
 TINY = ["--preset", "ssd_tiny", "--batch-size", "8", "--eval-batch-size", "8", "--num-workers", "0",

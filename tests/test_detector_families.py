@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runner import run_cli
 from single_stage_detector.config import ConfigError, TrainConfig
 from single_stage_detector.detectors.base import FAMILIES, all_presets, build_detector, family_of, get_preset
 from single_stage_detector.engine import multi_scale_size
@@ -91,9 +91,9 @@ def test_preset_resolution_fills_the_target_and_refuses_what_a_family_cannot_do(
     (["--input-size", "300"], "--input-size: must be a positive multiple of 32"),
 ])
 def test_bad_input_size_flags_are_one_line_errors(flags, message, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "single_stage_detector", "train", "--preset", "yolov3_tiny_cpu",
-                           "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = run_cli(["train", "--preset", "yolov3_tiny_cpu",
+                    "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), *flags],
+                   cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), proc.stderr
 
@@ -126,8 +126,7 @@ def _yolo_log_records(status: str = "success") -> list[dict]:
 
 
 def _check_logs(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "single_stage_detector", "check-logs", *args],
-                          capture_output=True, text=True, timeout=300)
+    return run_cli(["check-logs", *args], timeout=300)
 
 
 def test_check_logs_applies_the_harness_rules_to_a_yolo_log(tmp_path):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from cli_runner import run_cli
 from single_stage_detector.detector import SSDDetector
 from single_stage_detector.distributed import DeviceUnavailableError, cuda_unavailable_reason, select_device
 from single_stage_detector.engine import AmpSettings
@@ -151,11 +152,11 @@ def test_bf16_channels_last_step_on_cuda_trains():
 @needs_cuda
 def test_non_finite_loss_on_cuda_stops_at_a_check_naming_the_step(small_coco, tmp_path):
     """On the GPU the loss is not read every step; the run still stops, naming the first bad step."""
-    proc = subprocess.run([sys.executable, "-m", "single_stage_detector", "train", "--device", "cuda", "--preset",
-                           "ssd_tiny", "--data-dir", str(small_coco), "--output-dir", str(tmp_path / "o"),
-                           "--batch-size", "8", "--eval-batch-size", "8", "--num-workers", "0", "--no-save-checkpoint",
-                           "--seed", "1", "--lr", "1e20", "--warmup-steps", "1", "--epochs", "3", "--eval-every", "1",
-                           "--log-every", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_cli(["train", "--device", "cuda", "--preset",
+                    "ssd_tiny", "--data-dir", str(small_coco), "--output-dir", str(tmp_path / "o"),
+                    "--batch-size", "8", "--eval-batch-size", "8", "--num-workers", "0", "--no-save-checkpoint",
+                    "--seed", "1", "--lr", "1e20", "--warmup-steps", "1", "--epochs", "3", "--eval-every", "1",
+                    "--log-every", "4"], timeout=600, cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr[-3000:]
     m = re.search(r"non-finite loss in epoch \d+ at step (\d+) \(checked steps (\d+)\.\.(\d+); .*loc=", proc.stderr)
     assert m and int(m[2]) <= int(m[1]) <= int(m[3]), proc.stderr[-2000:]

@@ -13,11 +13,10 @@ and an MLPerf log that never holds an eval_accuracy below 0 or NaN.
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+from cli_runner import run_cli
 from single_stage_detector.data.coco import find_coco_split
 
 TINY = ["--preset", "ssd_tiny", "--batch-size", "8", "--eval-batch-size", "8", "--num-workers", "0",
@@ -25,8 +24,7 @@ TINY = ["--preset", "ssd_tiny", "--batch-size", "8", "--eval-batch-size", "8", "
 
 
 def _run(args, cwd):
-    return subprocess.run([sys.executable, "-m", "single_stage_detector", "train", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+    return run_cli(["train", *args], cwd=cwd, timeout=600)
 
 
 def _mllog(path):

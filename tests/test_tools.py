@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import run_cli
 from single_stage_detector.__main__ import main
 from single_stage_detector.tools.score import olympic_score, summarize_run
 
@@ -30,11 +31,11 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools")
     ensure_synthetic_coco(root / "data", num_train=32, num_val=8, seed=1)
     out = root / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "single_stage_detector", "train", "--preset", "ssd_tiny", "--data-dir",
+    proc = run_cli(
+        ["train", "--preset", "ssd_tiny", "--data-dir",
          str(root / "data"), "--output-dir", str(out), "--batch-size", "8", "--eval-batch-size", "8",
          "--epochs", "2", "--eval-every", "1", "--num-workers", "0", "--lr", "0.01", "--warmup-steps", "2",
-         "--log-every", "1", "--seed", "5"], capture_output=True, text=True, cwd=root, timeout=600)
+         "--log-every", "1", "--seed", "5"], cwd=root, timeout=600)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]  # not converged: aborted
     return out
 

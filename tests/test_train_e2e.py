@@ -1,18 +1,16 @@
 """End-to-end runs of the trainer through its CLI, checked with the official MLPerf checker."""
 import json
-import subprocess
-import sys
 
 import pytest
 
+from cli_runner import run_cli
 from single_stage_detector.compliance import check_log
 
 ACCURACY_CHECK = "v['value'] >= 0.230 and v['value'] < 1.0"
 
 
 def _train(args, cwd):
-    proc = subprocess.run([sys.executable, "-m", "single_stage_detector", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=900)
+    proc = run_cli(args, cwd=cwd, timeout=900)
     return proc
 
 
