@@ -419,6 +419,30 @@ def test_evaluate_the_same_checkpoint_through_both_backends(dali_run, coco):
         assert float((a - b).abs().max()) < 0.02 * float(a.abs().max())  # raw head outputs
 
 
+@pytest.mark.slow
+@pytest.mark.demo  # three training processes: about a minute on 2 busy cores, so left out of make test
+def test_sigterm_mid_epoch_then_resume_is_exact(coco, tmp_path):
+    """A run stopped by SIGTERM inside epoch 2 and resumed ends with the uninterrupted run's
+    weights, bit for bit, and the same LR at every step (15 images, batch 4: 4 steps/epoch).
+    The loader's own resume is checked fast in test_reproducible_and_resumes_mid_epoch_exactly."""
+    from test_reliability import _assert_bit_identical, _lrs, _train, _train_until, _weights
+
+    from single_stage_detector.checkpoint import list_resume_checkpoints, load_resume_checkpoint
+
+    args = [*RUN, "--batch-size", "4", "--epochs", "2", "--log-every", "1", "--device", "cpu", "--threshold", "0.99",
+            "--data-backend", "dali", "--data-dir", str(coco["root"])]
+    reference = _train([*args, "--output-dir", "reference"], tmp_path)
+    assert reference.returncode == 3, reference.stderr[-3000:]
+    rc, output, _ = _train_until([*args, "--output-dir", "out"], tmp_path, "epoch 2/2 step 1/4")
+    assert rc == 5, output[-3000:]
+    newest = load_resume_checkpoint(list_resume_checkpoints(tmp_path / "out")[-1])["resume"]
+    assert newest["epoch"] == 1 and 1 <= newest["step_in_epoch"] < 4, newest  # inside epoch 2
+    second = _train([*args, "--output-dir", "out", "--resume", "auto"], tmp_path)
+    assert second.returncode == 3, second.stderr[-3000:]
+    _assert_bit_identical(_weights(tmp_path / "reference"), _weights(tmp_path / "out"))
+    assert _lrs(tmp_path / "out") == _lrs(tmp_path / "reference")
+
+
 # -- bad input: the same answer as the torch path (rows of tests/test_bad_input.py) ---------------
 
 
