@@ -102,7 +102,7 @@ def _near_source_border(matrix: torch.Tensor, width: int, height: int, size: int
 @pytest.mark.parametrize("kind", ["default", "rotation+shear"])
 def test_same_batches_augmentation_and_boxes_as_the_torch_path(coco, kind, device_id):
     """Epochs 1 and 2 through both backends with one seed: same images in the same batches,
-    the same augmentation parameters, the same boxes (float32), the same pixels up to
+    the same boxes (float32) and the same pixels (so the same augmentation of each sample) up to
     bilinear rounding (amplified by at most saturation x exposure = 2.25) away from the
     one-pixel band where the source image meets the grey fill."""
     extra = {} if kind == "default" else {"degrees": 10.0, "shear": 5.0}
