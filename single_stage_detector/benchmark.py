@@ -127,18 +127,28 @@ def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.
     CUDA, else CPU-only, its targets encoded on the pipeline's device. The rate is the
     timed batches over their total wall time (batches arrive in bursts from parallel
     workers, so a median of single-batch times would mislead).
+
+    YOLO presets: the family's augmentation (affine warp + HSV, ``YOLOTrainTransform``) in
+    both backends (``data/dali_yolo.py`` for DALI) and no encoding (YOLO assigns its targets
+    in the forward pass).
     """
     from .box_coder import BoxCoder, default_boxes
     from .data.coco import CocoDetection, find_coco_split
     from .data.loader import build_train_loader
     from .data.transforms import SSDTrainTransform
+    from .detectors.base import family_of
 
     needed = args.warmup + args.iters
     data_dir = _data_part_dataset(args, needed * batch)
     img_dir, ann = find_coco_split(data_dir, "train2017")
+    family = family_of(preset)
     rows = []
     for backend in getattr(args, "data_backends", ["torch"]):
-        if backend == "torch":
+        if family.dali_graph == "yolo":
+            loader, part, fetch = _yolo_data_loader(args, preset, batch, device, backend, img_dir, ann)
+            if loader is None:
+                continue
+        elif backend == "torch":
             fused = args.color_jitter == "fused"
             ds = CocoDetection(img_dir, ann, transform=SSDTrainTransform(preset.input_size, args.max_samples,
                                                                          fused_color=fused))
@@ -187,6 +197,41 @@ def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.
         if hasattr(loader, "close"):  # DALI: stop its threads before the next backend is timed
             loader.close()
     return rows
+
+
+def _yolo_data_loader(args: argparse.Namespace, preset, batch: int, device: torch.device, backend: str, img_dir,
+                      ann) -> tuple:
+    """``(loader, row name, fetch)`` of the YOLO family's training input for ``backend``; ``(None, ...)``
+    (after a note) when DALI is not importable."""
+    from .data.coco import CocoDetection
+    from .data.loader import build_train_loader
+    from .detectors.base import family_of
+
+    transform = family_of(preset).train_transform(preset, args)
+
+    def fetch(it) -> None:
+        next(it)
+
+    if backend == "torch":
+        loader = build_train_loader(CocoDetection(img_dir, ann, transform=transform), batch,
+                                    num_workers=args.num_workers, seed=0)
+        return loader, f"data pipeline (torch, {args.num_workers} workers, YOLO affine + HSV)", fetch
+    from .data.dali import dali_import_error
+
+    err = dali_import_error()
+    if err is not None:
+        print(f"data pipeline (dali): skipped, DALI not importable ({err})", flush=True)
+        return None, "", fetch
+    from .data.dali_yolo import DaliYoloTrainLoader
+
+    device_id = None
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+    index = CocoDetection(img_dir, ann)
+    loader = DaliYoloTrainLoader(img_dir, ann, index.file_names, transform=transform, batch_size=batch, seed=0,
+                                 device_id=device_id, num_threads=args.num_workers, fp16=device.type == "cuda")
+    where = "gpu" if device_id is not None else "cpu"
+    return loader, f"data pipeline (dali {where}, {max(1, args.num_workers)} threads, YOLO affine + HSV)", fetch
 
 
 def _data_part_dataset(args: argparse.Namespace, images: int) -> str:
@@ -369,10 +414,9 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     preset = get_preset(args.preset)
     if args.parts is None:
         args.parts = ["train", "eval", "data"] if hasattr(preset, "box_spec") else ["train", "eval"]
-    ssd_only = sorted({"data", "components"} & set(args.parts))
-    if ssd_only and not hasattr(preset, "box_spec"):
-        raise SystemExit(f"benchmark: --parts {' '.join(ssd_only)} measures the SSD input pipelines and box "
-                         f"coding; preset {preset.name} ({preset.family}) has train and eval parts only")
+    if "components" in args.parts and not hasattr(preset, "box_spec"):
+        raise SystemExit(f"benchmark: --parts components measures the SSD box coding; preset {preset.name} "
+                         f"({preset.family}) has train, eval and data parts only")
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
     amp = AmpSettings.resolve(args.amp, device)
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"

@@ -216,8 +216,8 @@ def resolve_preset(cfg: TrainConfig) -> tuple[object, TrainConfig]:
         raise ConfigError(f"{flag}: preset {preset.name!r} ({family.name}) has a fixed input size "
                           f"({preset.input_size}: its default boxes depend on it)")
     if cfg.data_backend == "dali" and not family.supports_dali:
-        raise ConfigError(f"--data-backend dali: the DALI pipelines implement the SSD augmentation only; "
-                          f"preset {preset.name!r} ({family.name}) reads its data with --data-backend torch")
+        raise ConfigError(f"--data-backend dali: no DALI graph implements the augmentation of preset "
+                          f"{preset.name!r} ({family.name}); it reads its data with --data-backend torch")
     if cfg.data_backend == "auto" and not family.supports_dali:
         cfg = dataclasses.replace(cfg, data_backend="torch")
     if cfg.input_size is not None:
@@ -415,7 +415,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         prepare_dataset_dir(cfg, info)
         data = build_data_pipeline(cfg, input_size=preset.input_size, seed=seed, rank=info.rank,
                                    transforms=(family.train_transform(preset, cfg), family.eval_transform(preset)),
-                                   world_size=info.world_size, device=info.device)
+                                   dali_graph=family.dali_graph, world_size=info.world_size, device=info.device)
         if family.check_data is not None and data.train_set is not None and info.is_main:
             report = family.check_data(preset, data.train_set.box_sizes())
             if report:

@@ -2,6 +2,7 @@
 change their input size, multi-scale training, and the checks of logs no MLPerf ruleset covers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -66,20 +67,25 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(data_dir="/data", **kw)
 
 
-def test_preset_resolution_fills_the_target_and_refuses_what_a_family_cannot_do():
+def test_preset_resolution_fills_the_target_and_refuses_what_a_family_cannot_do(monkeypatch):
     preset, cfg = resolve_preset(_cfg(preset="ssd_tiny"))
     assert cfg.threshold == 0.23 and preset.input_size == 128
     preset, cfg = resolve_preset(_cfg(preset="yolov3_darknet53", input_size=608))
     assert preset.input_size == 608 and cfg.threshold == preset.quality_target
     assert get_preset("yolov3_darknet53").input_size == 416  # the registry's preset is untouched
     assert resolve_preset(_cfg(preset="yolov3_tiny_cpu", threshold=0.1))[1].threshold == 0.1
-    assert resolve_preset(_cfg(preset="yolov3_tiny_cpu", data_backend="auto"))[1].data_backend == "torch"
+    # YOLO has a DALI graph (data/dali_yolo.py): auto picks DALI where it does for SSD.
+    assert resolve_preset(_cfg(preset="yolov3_tiny_cpu", data_backend="auto"))[1].data_backend == "auto"
+    assert resolve_preset(_cfg(preset="yolov3_tiny_cpu", data_backend="dali"))[1].data_backend == "dali"
     with pytest.raises(ConfigError, match="--input-size: preset 'ssd300_resnet34'.*fixed input size"):
         resolve_preset(_cfg(preset="ssd300_resnet34", input_size=320))
     with pytest.raises(ConfigError, match="--multi-scale: preset 'ssd_tiny'"):
         resolve_preset(_cfg(preset="ssd_tiny", multi_scale=(320, 608)))
-    with pytest.raises(ConfigError, match="--data-backend dali: .*yolov3_tiny_cpu"):
+    # A family without a DALI graph: dali refused, auto turned into torch.
+    monkeypatch.setitem(FAMILIES, "yolov3", dataclasses.replace(FAMILIES["yolov3"], supports_dali=False))
+    with pytest.raises(ConfigError, match="--data-backend dali: no DALI graph .*yolov3_tiny_cpu"):
         resolve_preset(_cfg(preset="yolov3_tiny_cpu", data_backend="dali"))
+    assert resolve_preset(_cfg(preset="yolov3_tiny_cpu", data_backend="auto"))[1].data_backend == "torch"
     with pytest.raises(ConfigError, match="--preset: unknown model preset"):
         resolve_preset(_cfg(preset="nope"))
 

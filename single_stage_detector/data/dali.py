@@ -1,5 +1,9 @@
 """NVIDIA DALI input pipeline: the SSD training and evaluation inputs of SPEC.md section 6.
 
+(The YOLO family's training graph, :mod:`.dali_yolo`, shares this module's reader, decoder,
+normalisation and loader base; the evaluation graph serves every family, normalising with
+the family's mean/std.)
+
 On a GPU the JPEGs are decoded with nvJPEG (``device="mixed"``, fused with the random
 crop by ``decoders.image_slice``) and every image operation runs on the GPU; without
 one the same graph runs on the CPU (``device_id=None``), which is how CI exercises it.
@@ -13,7 +17,8 @@ Training graph, per sample::
       -> crop_mirror_normalize (flip with p=0.5, ImageNet mean/std)   + bb_flip of the boxes
 
 Evaluation graph: reader (no shuffle, sharded, padded last batch) -> decode -> resize ->
-normalise, plus the image id and the original image size.
+normalise (ImageNet mean/std unless the family's are given), plus the image id and the
+original image size.
 
 Ground truth leaves the pipeline as padded ``[B, Nmax, 4]`` / ``[B, Nmax]`` tensors plus
 per-sample counts; :class:`DaliTrainLoader` cuts them into per-image tensors, clips them
@@ -175,7 +180,9 @@ def _decode(jpegs, gpu: bool):
     return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, **_DECODE_ARGS)
 
 
-def _normalize(images, *, gpu: bool, mirror, dtype):
+def _normalize(images, *, gpu: bool, mirror, dtype, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD):
+    """``(x / 255 - mean) / std`` of [0, 255] images (``mean``, ``std``: fractions of 255, per R, G, B)."""
     import nvidia.dali.fn as fn
 
     return fn.crop_mirror_normalize(
@@ -183,8 +190,8 @@ def _normalize(images, *, gpu: bool, mirror, dtype):
         device="gpu" if gpu else "cpu",
         dtype=dtype,
         output_layout="HWC" if gpu else "CHW",  # NHWC = channels_last on the GPU
-        mean=[255.0 * m for m in IMAGENET_MEAN],
-        std=[255.0 * s for s in IMAGENET_STD],
+        mean=[255.0 * m for m in mean],
+        std=[255.0 * s for s in std],
         mirror=mirror if mirror is not None else 0,
     )
 
@@ -273,7 +280,8 @@ def _build_train_pipeline(*, image_dir: Path, annotation_file: Path, files: Sequ
 
 def _build_eval_pipeline(*, image_dir: Path, annotation_file: Path, files: Sequence[str], batch_size: int,
                          input_size: int, shard_id: int, num_shards: int, device_id: int | None, num_threads: int,
-                         skip_empty: bool, fp16: bool):
+                         skip_empty: bool, fp16: bool, mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -290,7 +298,8 @@ def _build_eval_pipeline(*, image_dir: Path, annotation_file: Path, files: Seque
         images = _decode(jpegs, gpu)
         images = fn.resize(images, resize_x=input_size, resize_y=input_size,
                            interp_type=types.INTERP_LINEAR, antialias=True)
-        images = _normalize(images, gpu=gpu, mirror=None, dtype=types.FLOAT16 if fp16 else types.FLOAT)
+        images = _normalize(images, gpu=gpu, mirror=None, dtype=types.FLOAT16 if fp16 else types.FLOAT,
+                            mean=mean, std=std)
         return (images, fn.pad(boxes, fill_value=_PAD_BOX, axes=(0,)), fn.pad(labels, fill_value=0, axes=(0,)),
                 labels.shape(), ids, shape)
 
@@ -523,13 +532,15 @@ class DaliEvalLoader(_DaliLoaderBase):
     PARTIAL policy cuts the padding off, and ``valid`` marks the images that count
     (all True after that cut; kept as the contract for padded batches). ``orig_sizes``
     come from ``image_sizes`` (image id -> annotation (height, width)) when given, else
-    from the file header.
+    from the file header. ``mean``, ``std``: the normalisation ``(x / 255 - mean) / std``
+    of the preset family (default ImageNet's, SSD's; YOLO: 0 and 1, plain x / 255).
     """
 
     def __init__(self, image_dir: str | Path, annotation_file: str | Path, files: Sequence[str], *, batch_size: int,
                  input_size: int, rank: int = 0, world_size: int = 1, device_id: int | None = None,
                  num_threads: int = 2, skip_empty: bool = True, fp16: bool = False,
-                 image_sizes: dict[int, tuple[int, int]] | None = None) -> None:
+                 image_sizes: dict[int, tuple[int, int]] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if not files:
@@ -538,7 +549,7 @@ class DaliEvalLoader(_DaliLoaderBase):
         pipe = _build_eval_pipeline(image_dir=Path(image_dir), annotation_file=Path(annotation_file), files=files,
                                     batch_size=batch_size, input_size=input_size, shard_id=rank,
                                     num_shards=world_size, device_id=device_id, num_threads=max(1, num_threads),
-                                    skip_empty=skip_empty, fp16=fp16)
+                                    skip_empty=skip_empty, fp16=fp16, mean=mean, std=std)
         self.shard_size = _shard_size(len(files), rank, world_size)
         self.batch_size = batch_size
         # (height, width) per image id from the annotation file: the geometry boxes are rescaled with.

@@ -74,11 +74,15 @@ class DataPipeline:
 
 
 def build_data_pipeline(cfg, *, input_size: int, seed: int, rank: int, world_size: int,
-                        device: torch.device, transforms: tuple[Any, Any] | None = None) -> DataPipeline:
+                        device: torch.device, transforms: tuple[Any, Any] | None = None,
+                        dali_graph: str = "ssd") -> DataPipeline:
     """The pipeline of ``cfg.data_backend`` for ``cfg.data_dir`` (a :class:`TrainConfig`).
 
     ``transforms``: the (training, evaluation) transforms of the torch path, the preset
     family's (``DetectorFamily.train_transform`` / ``eval_transform``); default SSD's.
+    ``dali_graph``: the family's DALI training graph (``DetectorFamily.dali_graph``):
+    ``"ssd"`` (data/dali.py) or ``"yolo"`` (data/dali_yolo.py, which takes its parameters
+    from ``transforms``).
     """
     from .dali import resolve_data_backend
 
@@ -86,7 +90,10 @@ def build_data_pipeline(cfg, *, input_size: int, seed: int, rank: int, world_siz
     if cfg.data_backend not in (*builders, "auto"):
         raise ValueError(f"unknown data backend {cfg.data_backend!r}; known: {', '.join(builders)}, auto")
     builder = builders[resolve_data_backend(cfg.data_backend, device)]
-    extra = {} if transforms is None or builder is _build_dali else {"transforms": transforms}
+    if builder is _build_dali:
+        extra = {} if dali_graph == "ssd" else {"transforms": transforms, "dali_graph": dali_graph}
+    else:
+        extra = {} if transforms is None else {"transforms": transforms}
     return builder(cfg, input_size=input_size, seed=seed, rank=rank, world_size=world_size, device=device, **extra)
 
 
@@ -192,6 +199,9 @@ def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1
 
     ``eval_transform``: the torch path's transform (default SSD's resize + normalisation); a
     preset family without DALI support must pass its own and ``cfg.data_backend`` torch.
+    The DALI graph resizes as every family's evaluation transform does and normalises with
+    the transform's ``mean`` / ``std`` (YOLOEvalTransform's), ImageNet's for a transform
+    without them (SSDEvalTransform).
 
     Images without annotations are left out, as the reference does, unless
     ``cfg.eval_all_images``. Both backends evaluate the same images: those
@@ -220,33 +230,57 @@ def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1
                             input_size=input_size, rank=rank, world_size=world_size,
                             device_id=_dali_device_id(device), num_threads=max(1, cfg.num_workers),
                             skip_empty=not cfg.eval_all_images, fp16=device.type == "cuda" and cfg.amp != "off",
-                            image_sizes=val_set.image_sizes())
+                            image_sizes=val_set.image_sizes(), **_normalisation(eval_transform))
     return EvalInput("dali", loader, len(val_set), val_set.annotation_file, val_set, workdir if own_dir else None)
 
 
-def _build_dali(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> DataPipeline:
-    """NVIDIA DALI pipelines (data/dali.py): GPU decode + augmentation on CUDA, CPU-only otherwise.
+def _normalisation(eval_transform) -> dict[str, Any]:
+    """``mean``/``std`` of the DALI evaluation graph: the torch transform's when it has them
+    (none given: the graph's default, ImageNet's)."""
+    if eval_transform is None or not hasattr(eval_transform, "mean"):
+        return {}
+    return {"mean": tuple(eval_transform.mean), "std": tuple(eval_transform.std)}
+
+
+def _build_dali(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device,
+                transforms: tuple[Any, Any] | None = None, dali_graph: str = "ssd") -> DataPipeline:
+    """NVIDIA DALI pipelines (data/dali.py; YOLO's training graph data/dali_yolo.py): GPU decode +
+    augmentation on CUDA, CPU-only otherwise.
 
     The splits are indexed and checked by :func:`load_split`, exactly as for the torch
     path; DALI's COCO reader then reads a cleaned annotation file written from that index
     (:meth:`CocoDetection.write_reader_annotations`), so both backends read the same
     images with the same boxes.
     """
-    from ..box_coder import default_boxes
-    from ..models import get_preset
-    from .dali import DaliTrainLoader
-
+    if dali_graph not in ("ssd", "yolo"):
+        raise ValueError(f"unknown DALI graph {dali_graph!r}; known: ssd, yolo")
+    if dali_graph == "yolo" and transforms is None:
+        raise ValueError("the yolo DALI graph takes its parameters from the torch path's transforms")
     train_set = load_split(cfg, "train2017", rank=rank, world_size=world_size, limit=cfg.max_train_images)
     workdir = Path(tempfile.mkdtemp(prefix=f"ssd_dali_rank{rank}_"))
     train_ann = train_set.write_reader_annotations(workdir / "train_reader.json")
     device_id = _dali_device_id(device)
-    spec = get_preset(cfg.preset).box_spec
-    train = DaliTrainLoader(train_set.image_dir, train_ann, train_set.file_names, batch_size=cfg.batch_size,
-                            input_size=input_size, seed=seed, rank=rank, world_size=world_size, device_id=device_id,
-                            num_threads=max(1, cfg.num_workers), max_samples=cfg.max_samples, augment=cfg.augment,
-                            default_boxes=default_boxes(spec), fp16=device.type == "cuda" and cfg.amp != "off")
+    fp16 = device.type == "cuda" and cfg.amp != "off"
+    if dali_graph == "yolo":
+        from .dali_yolo import DaliYoloTrainLoader
+
+        train = DaliYoloTrainLoader(train_set.image_dir, train_ann, train_set.file_names, transform=transforms[0],
+                                    batch_size=cfg.batch_size, seed=seed, rank=rank, world_size=world_size,
+                                    device_id=device_id, num_threads=max(1, cfg.num_workers), augment=cfg.augment,
+                                    fp16=fp16)
+    else:
+        from ..box_coder import default_boxes
+        from ..models import get_preset
+        from .dali import DaliTrainLoader
+
+        spec = get_preset(cfg.preset).box_spec
+        train = DaliTrainLoader(train_set.image_dir, train_ann, train_set.file_names, batch_size=cfg.batch_size,
+                                input_size=input_size, seed=seed, rank=rank, world_size=world_size,
+                                device_id=device_id, num_threads=max(1, cfg.num_workers),
+                                max_samples=cfg.max_samples, augment=cfg.augment,
+                                default_boxes=default_boxes(spec), fp16=fp16)
     val = build_eval_input(cfg, input_size=input_size, rank=rank, world_size=world_size, device=device,
-                           workdir=workdir)
+                           workdir=workdir, eval_transform=None if transforms is None else transforms[1])
     stats = _pipeline_stats(train_set, val.dataset)
     stats["dali_device"] = "gpu" if device_id is not None else "cpu"
     return DataPipeline(backend="dali", train=train, eval=val.loader, train_samples=len(train_set),

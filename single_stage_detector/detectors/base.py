@@ -54,14 +54,22 @@ class DetectorFamily:
         variable_input_size: whether ``--input-size`` / ``--multi-scale`` may change the input
             side (YOLO: yes, the network is fully convolutional and its anchors are in pixels; SSD:
             no, its default boxes are laid out for one size).
-        supports_dali: whether the DALI pipelines implement this family's augmentation and
-            normalisation (only SSD's today: other families read with the torch path).
+        supports_dali: whether a DALI training graph implements this family's augmentation
+            (``--data-backend dali`` is refused, and ``auto`` picks the torch path, for a family
+            without one).
         describe: ``(preset, detector) -> str``, one line for the run's summary.
         check_data: ``(preset, box_sizes) -> str | None``: a start-up report on the training
             boxes (``float32[K, 2]`` normalised widths and heights), e.g. YOLO's anchor recall;
             a line starting with ``WARNING`` is a warning. None: nothing to check.
         backbone_weights: ``(preset) -> str | None``: the pretrained backbone file the preset's
             ``--pretrained-backbone`` takes (a description), None when it takes none.
+        dali_graph: the DALI training graph when ``supports_dali``: ``"ssd"`` (``data/dali.py``:
+            SSD random crop, flip, colour jitter, ImageNet normalisation, targets encoded with the
+            preset's default boxes) or ``"yolo"`` (``data/dali_yolo.py``: the affine warp and
+            darknet HSV jitter of ``YOLOTrainTransform``, raw boxes; its distributions, fill, box
+            keep rule and normalisation are read from the ``train_transform`` object). The DALI
+            evaluation graph is the same for every family (resize to the input size) and
+            normalises with the ``eval_transform``'s ``mean``/``std`` (ImageNet's when it has none).
     """
 
     name: str
@@ -73,6 +81,7 @@ class DetectorFamily:
     describe: Callable[[Any, nn.Module], str]
     backbone_weights: Callable[[Any], "str | None"]
     check_data: Callable[[Any, Any], "str | None"] | None = None
+    dali_graph: str = "ssd"
 
 
 FAMILIES: dict[str, DetectorFamily] = {}

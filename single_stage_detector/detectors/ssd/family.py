@@ -38,5 +38,5 @@ def _backbone_weights(preset: ModelPreset) -> str | None:
 
 SSD_FAMILY = DetectorFamily(name="ssd", build=_build, train_transform=_train_transform,
                             eval_transform=_eval_transform, variable_input_size=False, supports_dali=True, describe=_describe,
-                            backbone_weights=_backbone_weights)
+                            backbone_weights=_backbone_weights, dali_graph="ssd")
 register_family(SSD_FAMILY, tuple(SSD_PRESETS.values()))

@@ -68,6 +68,6 @@ def _check_data(preset: YOLOv3Preset, box_sizes) -> str:
 
 
 YOLOV3_FAMILY = DetectorFamily(name="yolov3", build=_build, train_transform=_train_transform,
-                               eval_transform=_eval_transform, variable_input_size=True, supports_dali=False, describe=_describe,
-                               backbone_weights=_backbone_weights, check_data=_check_data)
+                               eval_transform=_eval_transform, variable_input_size=True, supports_dali=True, describe=_describe,
+                               backbone_weights=_backbone_weights, check_data=_check_data, dali_graph="yolo")
 register_family(YOLOV3_FAMILY, YOLO_PRESETS)
