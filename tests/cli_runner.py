@@ -10,8 +10,8 @@ DALI; importing them takes 4-9 s on 2 CPU cores, far more than most of the comma
 tests run.
 
 The zygote imports only; it runs no tensor operation, so it holds no thread pool to lose in
-the fork. Commands that need their own environment (``env=...``: variables read at import
-time would not apply to a forked process) run as a plain subprocess.
+the fork. A command with its own environment (``env=...``) is forked from a zygote started
+with that environment, so that variables read at import time (``OMP_NUM_THREADS``, ...) apply.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ import threading
 from pathlib import Path
 
 _lock = threading.Lock()
-_zygote: subprocess.Popen | None = None
+_zygotes: dict[frozenset | None, subprocess.Popen] = {}  # by environment (None: this process's)
 
 
-def _start_zygote() -> subprocess.Popen:
+def _start_zygote(env: dict | None) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, env=env)
     ready = proc.stdout.readline()
     if ready.strip() != "ready":
         raise RuntimeError(f"CLI zygote failed to start: {ready!r}")
@@ -58,24 +58,23 @@ def run_cli(args: list, cwd: str | Path | None = None, timeout: float = 600,
     """
     args = [str(a) for a in args]
     cmd = [sys.executable, "-m", "single_stage_detector", *args]
-    if env is not None:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
-    global _zygote
+    key = None if env is None else frozenset(env.items())
     with _lock, tempfile.TemporaryDirectory(prefix="cli_run_") as tmp:
-        if _zygote is None or _zygote.poll() is not None:
-            _zygote = _start_zygote()
+        zygote = _zygotes.get(key)
+        if zygote is None or zygote.poll() is not None:
+            zygote = _zygotes[key] = _start_zygote(env)
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         request = {"argv": args, "cwd": str(cwd if cwd is not None else os.getcwd()), "stdout": out, "stderr": err}
-        _zygote.stdin.write(json.dumps(request) + "\n")
-        _zygote.stdin.flush()
-        pid = int(_zygote.stdout.readline())
-        ready, _, _ = select.select([_zygote.stdout], [], [], timeout)
+        zygote.stdin.write(json.dumps(request) + "\n")
+        zygote.stdin.flush()
+        pid = int(zygote.stdout.readline())
+        ready, _, _ = select.select([zygote.stdout], [], [], timeout)
         if not ready:
             os.killpg(pid, signal.SIGKILL)
-            _zygote.stdout.readline()
+            zygote.stdout.readline()
             raise subprocess.TimeoutExpired(cmd, timeout, Path(out).read_text(errors="replace"),
                                             Path(err).read_text(errors="replace"))
-        code = int(_zygote.stdout.readline())
+        code = int(zygote.stdout.readline())
         return subprocess.CompletedProcess(cmd, code, Path(out).read_text(errors="replace"),
                                            Path(err).read_text(errors="replace"))
 

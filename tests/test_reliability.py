@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_runner import run_cli
 from single_stage_detector.checkpoint import (RESUME_DIR, checkpoint_data_dir, list_resume_checkpoints,
                                               load_checkpoint, load_resume_checkpoint)
 from single_stage_detector.config import ConfigError
@@ -62,6 +63,8 @@ def _cmd(args, nproc: int = 1) -> list[str]:
 
 
 def _train(args, cwd, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    if nproc == 1:  # a process forked from one that has imported torch (cli_runner)
+        return run_cli(["train", *args], cwd=cwd, timeout=timeout, env=_env())
     return subprocess.run(_cmd(args, nproc), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=_env())
 
 
