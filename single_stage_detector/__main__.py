@@ -51,6 +51,15 @@ DEMO_PRESET_DEFAULTS: dict[str, dict] = {
         "lr_decay_epochs": (6, 7),
         "eval_start": 3,
     },
+    # YOLOv1 from scratch: AdamW as for YOLOv3 (measured in the README's YOLOv1 section).
+    "yolov1_tiny_cpu": {
+        "output_dir": "output/demo-yolov1_tiny_cpu",
+        "optimizer": "adamw",
+        "lr": 0.002,
+        "epochs": 10,
+        "lr_decay_epochs": (8, 9),
+        "eval_start": 3,
+    },
 }
 
 
@@ -109,7 +118,7 @@ def _preflight(cfg) -> None:
     takes = family_of(presets[cfg.preset]).backbone_weights(presets[cfg.preset])
     if cfg.pretrained_backbone is not None and takes is None:
         raise ConfigError(f"--pretrained-backbone: preset {cfg.preset!r} has no pretrained backbone; "
-                          f"leave the flag out (it is for ssd300_resnet34 and yolov3_darknet53)")
+                          f"leave the flag out (it is for ssd300_resnet34, yolov3_darknet53 and yolov1_resnet34)")
     if cfg.init_checkpoint is not None:
         from .tools.cli import load_checkpoint_arg
 
