@@ -344,3 +344,34 @@ def test_resnet34_backbone_frozen_in_epoch_1_then_fine_tuned(coco, tmp_path, cap
     assert not torch.equal(after1["output.weight"], after2["output.weight"])
     # Epoch 2: the backbone trains (at half the LR).
     assert not any(torch.equal(after1[k], after2[k]) for k in backbone if k.endswith(".weight"))
+
+
+def _config_flags(name: str):
+    import shlex
+    from pathlib import Path
+
+    from single_stage_detector.__main__ import build_parser
+    from single_stage_detector.config import config_from_args
+    from test_launchers import source_config
+
+    v = source_config(Path(__file__).resolve().parents[1] / "configs" / f"config_{name}.sh")
+    argv = ["train", "--data-dir", "/data", *shlex.split(v["EXTRA_PARAMS"])]
+    return v, config_from_args(build_parser().parse_args(argv))
+
+
+def test_configs_follow_the_paper_and_the_seeds():
+    # The paper (section 2.2): 135 epochs, batch 64, momentum 0.9, decay 5e-4, LR 1e-2 to epoch 75, then
+    # 1e-3 for 30 epochs and 1e-4 for 30 (x0.1 after 75 and 105); seed 000: ImageNet ResNet-34, frozen first.
+    v, cfg = _config_flags("1xH100_YOLOV1")
+    assert cfg.preset == "yolov1_resnet34" and cfg.batch_size == 64 == int(v["BATCHSIZE"]) and cfg.lr == 0.01
+    assert (cfg.momentum, cfg.weight_decay, cfg.epochs, tuple(cfg.lr_decay_epochs)) == (0.9, 5e-4, 135, (75, 105))
+    assert cfg.freeze_backbone_epochs > 0 and cfg.backbone_lr_mult < 1 and v["BACKBONE"].endswith("resnet34-333f7ec4.pth")
+    assert cfg.warmup_steps == 2 * math.ceil(117_266 / 64)  # 2 epochs of COCO train2017 at batch 64 (last batch kept)
+    # Seed 001: AdamW, cosine annealing, gradient clipping, 35 epochs (128 input, FC 1024, target 1 and
+    # class weights are the preset's); from scratch.
+    v, cfg = _config_flags("1xA100_YOLOV1_COURSEWORK")
+    preset = get_preset(cfg.preset)
+    assert (cfg.optimizer, cfg.lr_schedule, cfg.epochs) == ("adamw", "cosine", 35) and cfg.clip_grad_norm
+    assert (preset.input_size, preset.fc_hidden, preset.confidence_target, preset.class_weights) == (
+        128, 1024, "one", "inverse-frequency")
+    assert dict(preset.augmentation)["degrees"] > 0 and v["BACKBONE"] == "none"

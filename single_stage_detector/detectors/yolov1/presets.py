@@ -180,7 +180,8 @@ YOLOV1_COURSEWORK = YOLOv1Preset(
     # rotation); it gives no magnitudes: these are ours. No colour jitter.
     augmentation=(("translate", 0.2), ("scale", (0.8, 1.2)), ("degrees", 10.0), ("hue", 0.0),
                   ("saturation", 1.0), ("exposure", 1.0)),
-    quality_target=0.1,
+    # The seed reports mAP@0.5 of about 0.30 on a 5-class COCO subset; no AP@[.5:.95] on COCO: our guess.
+    quality_target=0.05,
     description="seed 001's YOLOv1: 24 conv + FC 1024, 128 input, confidence target 1, class weights",
 )
 
