@@ -78,9 +78,18 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     # -- what to train, on what --------------------------------------------------------
     preset: str = _f("ssd300_resnet34", "model preset: ssd300_resnet34 (the benchmark), ssd_tiny (SSD CPU demo), "
-                                         "yolov3_darknet53, yolov3_tiny_cpu (YOLOv3 CPU demo)")
+                                         "yolov3_darknet53, yolov3_tiny_cpu (YOLOv3 CPU demo), yolov1_resnet34, "
+                                         "yolov1_coursework, yolov1_tiny_cpu (YOLOv1 CPU demo)")
     input_size: Optional[int] = _f(None, "network input side in pixels (default: the preset's); YOLO presets "
                                          "only (a multiple of 32, anchors unchanged); SSD's default boxes fix its size")
+    anchors: Optional[tuple[str, ...]] = _f(
+        None, "YOLOv1 presets: prior shapes of a cell's B predictors: kmeans:N (k-means on the training boxes at "
+              "start, B = N) | W,H W,H ... (fractions of the input side, B = their count) | none (the paper's; "
+              "default: the preset's)")
+    confidence_target: Optional[str] = _f(None, "YOLOv1 presets: confidence target of a responsible predictor: iou "
+                                                "(the paper's) | one (default: the preset's)")
+    class_weights: Optional[str] = _f(None, "YOLOv1 presets: class-term weights: none (the paper's) | "
+                                            "inverse-frequency (from the training boxes at start; default: the preset's)")
     data_dir: Optional[str] = _f(None, "COCO 2017 folder (train2017/, val2017/, annotations/)")
     synthetic: bool = _f(False, "generate the embedded synthetic dataset into --data-dir if it holds none")
     synthetic_train_images: int = _f(SYNTHETIC_DEFAULTS.num_train, "synthetic dataset: training images")

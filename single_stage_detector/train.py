@@ -204,7 +204,7 @@ def resolve_preset(cfg: TrainConfig) -> tuple[object, TrainConfig]:
     quality target filled in; ConfigError naming the flag for options the family does not take."""
     import dataclasses
 
-    from .detectors.base import get_preset
+    from .detectors.base import configure_preset, get_preset
 
     try:
         preset = get_preset(cfg.preset)
@@ -220,6 +220,10 @@ def resolve_preset(cfg: TrainConfig) -> tuple[object, TrainConfig]:
                           f"{preset.name!r} ({family.name}); it reads its data with --data-backend torch")
     if cfg.data_backend == "auto" and not family.supports_dali:
         cfg = dataclasses.replace(cfg, data_backend="torch")
+    try:
+        preset = configure_preset(preset, cfg.to_dict())  # the family's own options (YOLOv1: --anchors, ...)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.input_size is not None:
         if cfg.input_size < 32 or cfg.input_size % 32:
             raise ConfigError(f"--input-size: must be a positive multiple of 32, got {cfg.input_size}")
@@ -418,6 +422,11 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                                    dali_graph=family.dali_graph, world_size=info.world_size, device=info.device)
         if family.check_data is not None and data.train_set is not None and info.is_main:
             report = family.check_data(preset, data.train_set.box_sizes())
+            if report:
+                say(report)
+        if family.prepare is not None and data.train_set is not None:
+            # Data-dependent set-up (YOLOv1's k-means anchors, class weights), on every process.
+            report = family.prepare(preset, detector, data.train_set)
             if report:
                 say(report)
         if resumed is None:

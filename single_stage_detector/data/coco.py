@@ -565,6 +565,12 @@ class CocoDetection(Dataset):
         boxes = self._boxes[index.astype(np.int64)] if index.size else np.zeros((0, 4), np.float32)
         return (boxes[:, 2:] - boxes[:, :2]).astype(np.float32)
 
+    def box_labels(self) -> np.ndarray:
+        """``int64[K]`` contiguous label (1..80) of every kept box of the kept images, in the
+        order of :meth:`box_sizes` (the class statistics of YOLOv1's class weights)."""
+        index = [np.arange(s, s + c) for s, c in zip(self._starts.tolist(), self._counts.tolist())]
+        return self._labels[np.concatenate(index).astype(np.int64)] if index else np.zeros(0, np.int64)
+
     def image_sizes(self) -> dict[int, tuple[int, int]]:
         """Image id -> (height, width) in pixels from the annotation file, for every kept image."""
         return {int(i): (int(h), int(w)) for i, (h, w) in zip(self._ids.tolist(), self._sizes.tolist())}

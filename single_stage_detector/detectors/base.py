@@ -20,12 +20,12 @@ and :func:`family_of`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from torch import nn
 
-__all__ = ["DetectorFamily", "FAMILIES", "PRESETS", "all_presets", "build_detector", "family_of", "get_preset",
-           "register_family"]
+__all__ = ["DetectorFamily", "FAMILIES", "PRESETS", "all_presets", "build_detector", "configure_preset", "family_of",
+           "get_preset", "register_family"]
 
 
 class Preset(Protocol):
@@ -70,6 +70,16 @@ class DetectorFamily:
             keep rule and normalisation are read from the ``train_transform`` object). The DALI
             evaluation graph is the same for every family (resize to the input size) and
             normalises with the ``eval_transform``'s ``mean``/``std`` (ImageNet's when it has none).
+        options: the run-config fields (``TrainConfig`` names) this family takes beyond the
+            common ones, e.g. YOLOv1's ``anchors``; another family's run refuses them when set.
+        configure: ``(preset, options: Mapping[str, Any]) -> preset``: the preset changed by the
+            values of ``options`` that are set (not None), from a run's config or a checkpoint's;
+            ValueError naming the flag on a bad value. None: the family takes no options.
+        prepare: ``(preset, detector, train_set) -> str | None``: data-dependent set-up of the
+            built detector at the start of a run, on every process, before the first step
+            (``train_set`` a ``CocoDetection``: ``box_sizes()``, ``box_labels()``), e.g. k-means
+            anchors or class-frequency weights; returns a line for the log. It must be a
+            deterministic function of the training set (a resumed run calls it again).
     """
 
     name: str
@@ -82,6 +92,9 @@ class DetectorFamily:
     backbone_weights: Callable[[Any], "str | None"]
     check_data: Callable[[Any, Any], "str | None"] | None = None
     dali_graph: str = "ssd"
+    options: tuple[str, ...] = ()
+    configure: Callable[[Any, Mapping[str, Any]], Any] | None = None
+    prepare: Callable[[Any, nn.Module, Any], "str | None"] | None = None
 
 
 FAMILIES: dict[str, DetectorFamily] = {}
@@ -102,11 +115,12 @@ def register_family(family: DetectorFamily, presets: tuple[Any, ...]) -> None:
 
 
 def _ensure_registered() -> None:
-    if not FAMILIES:
-        import importlib
+    import importlib
 
-        for module in (".ssd.family", ".yolo.family"):  # each registers itself on import
-            importlib.import_module(module, __package__)
+    # Each registers itself on its first import; importing one family directly (its own tests)
+    # must not hide the others, so every module is looked up (a dict lookup once imported).
+    for module in (".ssd.family", ".yolo.family", ".yolov1.family"):
+        importlib.import_module(module, __package__)
 
 
 def get_preset(name: str):
@@ -130,6 +144,23 @@ def family_of(preset) -> DetectorFamily:
     if isinstance(preset, str):
         preset = get_preset(preset)
     return FAMILIES[preset.family]
+
+
+def configure_preset(preset, options: Mapping[str, Any]):
+    """``preset`` as changed by the family options set in ``options`` (a run's config as a
+    mapping of ``TrainConfig`` field names, e.g. ``cfg.to_dict()`` or a checkpoint's ``config``).
+
+    Raises:
+        ValueError: naming the flag, for an option set that the preset's family does not take
+            (another family's), or a bad value.
+    """
+    family = family_of(preset)
+    taken = sorted({name for f in FAMILIES.values() for name in f.options} - set(family.options))
+    for name in taken:
+        if options.get(name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')}: preset {preset.name!r} ({family.name}) does not take it "
+                             f"(families that do: {', '.join(f.name for f in FAMILIES.values() if name in f.options)})")
+    return family.configure(preset, options) if family.configure is not None else preset
 
 
 def build_detector(preset, *, pretrained_backbone=None) -> nn.Module:

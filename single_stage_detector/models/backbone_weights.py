@@ -109,9 +109,10 @@ def _read_raw(path: Path) -> dict[str, Tensor]:
         ) from exc
 
 
-def _normalise(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size], source: str) -> dict[str, Tensor]:
-    """Drop layer4/fc, check keys and shapes against ``expected``, set dtypes (float32, int64)."""
-    state = {k: v for k, v in state.items() if not k.startswith(_DROPPED_PREFIXES)}
+def _normalise(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size], source: str,
+               dropped: tuple[str, ...] = _DROPPED_PREFIXES) -> dict[str, Tensor]:
+    """Drop ``dropped`` (layer4/fc), check keys and shapes against ``expected``, set dtypes (float32, int64)."""
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}
     required = [k for k in expected if not k.endswith(_COUNTER_SUFFIX)]
     missing = [k for k in required if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -144,7 +145,8 @@ def _normalise(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size], 
 
 
 def load_backbone_state_dict(
-    path: str | os.PathLike[str], reference: nn.Module | None = None
+    path: str | os.PathLike[str], reference: nn.Module | None = None, *,
+    dropped_prefixes: tuple[str, ...] = _DROPPED_PREFIXES,
 ) -> dict[str, Tensor]:
     """Read a backbone weights file (torchvision ``.pth`` or converted ``.npz``).
 
@@ -152,6 +154,8 @@ def load_backbone_state_dict(
         path: the file.
         reference: the backbone the weights are for (only its state-dict keys and shapes are
             used); default: the SSD ResNet-34 backbone.
+        dropped_prefixes: torchvision entries the backbone lacks, ignored in the file
+            (default ``layer4.``, ``fc.``: SSD's backbone; a backbone with ``layer4`` passes ``("fc.",)``).
 
     Returns:
         ``{torchvision name: Tensor}`` with exactly the reference's keys, float32 weights and
@@ -162,10 +166,11 @@ def load_backbone_state_dict(
             mismatches; the message names the file.
     """
     path = Path(path)
-    return _normalise(_read_raw(path), _reference_shapes(reference), str(path))
+    return _normalise(_read_raw(path), _reference_shapes(reference), str(path), tuple(dropped_prefixes))
 
 
-def load_backbone_into(backbone: nn.Module, path: str | os.PathLike[str]) -> None:
+def load_backbone_into(backbone: nn.Module, path: str | os.PathLike[str], *,
+                       dropped_prefixes: tuple[str, ...] = _DROPPED_PREFIXES) -> None:
     """Load a backbone weights file into ``backbone`` with ``strict=True`` semantics.
 
     Values are copied bit for bit (float32 file -> float32 parameters).
@@ -173,7 +178,7 @@ def load_backbone_into(backbone: nn.Module, path: str | os.PathLike[str]) -> Non
     Raises:
         BackboneWeightsError: as :func:`load_backbone_state_dict`.
     """
-    state = load_backbone_state_dict(path, reference=backbone)
+    state = load_backbone_state_dict(path, reference=backbone, dropped_prefixes=dropped_prefixes)
     backbone.load_state_dict(state, strict=True)
 
 

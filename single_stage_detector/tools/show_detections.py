@@ -31,13 +31,14 @@ def load_detector(checkpoint: str | os.PathLike | dict, device: str = "cpu"):
     import dataclasses
 
     from ..checkpoint import load_checkpoint
-    from ..detectors.base import build_detector, get_preset
+    from ..detectors.base import build_detector, configure_preset, get_preset
 
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     preset = get_preset(ckpt["preset"])
     input_size = (ckpt.get("config") or {}).get("input_size")
     if input_size:  # a run trained at --input-size evaluates at it
         preset = dataclasses.replace(preset, input_size=int(input_size))
+    preset = configure_preset(preset, ckpt.get("config") or {})  # family options (YOLOv1: --anchors, ...)
     detector = build_detector(preset)
     detector.model.load_state_dict(ckpt["model"])
     detector = detector.to(device).eval()
