@@ -218,7 +218,7 @@ def prepare(preset: YOLOv1Preset, detector: nn.Module, train_set) -> str | None:
 
 
 YOLOV1_FAMILY = DetectorFamily(name="yolov1", build=_build, train_transform=_train_transform,
-                               eval_transform=_eval_transform, variable_input_size=True, supports_dali=False,
-                               describe=_describe, backbone_weights=_backbone_weights, options=OPTIONS,
+                               eval_transform=_eval_transform, variable_input_size=True, supports_dali=True,
+                               dali_graph="yolo", describe=_describe, backbone_weights=_backbone_weights, options=OPTIONS,
                                configure=configure, prepare=prepare)
 register_family(YOLOV1_FAMILY, YOLOV1_PRESETS)
