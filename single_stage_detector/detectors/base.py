@@ -96,7 +96,7 @@ def _ensure_registered() -> None:
     if not FAMILIES:
         import importlib
 
-        for module in (".ssd.family", ".yolo.family"):  # each registers itself on import
+        for module in (".ssd.family", ".yolo.family", ".yolov2.family"):  # each registers itself on import
             importlib.import_module(module, __package__)
 
 
