@@ -108,8 +108,9 @@ def _preflight(cfg) -> None:
     check_device(cfg.device)
     takes = family_of(presets[cfg.preset]).backbone_weights(presets[cfg.preset])
     if cfg.pretrained_backbone is not None and takes is None:
+        takers = sorted(n for n, p in presets.items() if family_of(p).backbone_weights(p) is not None)
         raise ConfigError(f"--pretrained-backbone: preset {cfg.preset!r} has no pretrained backbone; "
-                          f"leave the flag out (it is for ssd300_resnet34 and yolov3_darknet53)")
+                          f"leave the flag out (it is for {', '.join(takers)})")
     if cfg.init_checkpoint is not None:
         from .tools.cli import load_checkpoint_arg
 

@@ -120,3 +120,24 @@ def test_resnet50_weight_file_errors_name_the_file(tmp_path):
     torch.save(resnet34().state_dict(), wrong)
     with pytest.raises(BackboneWeightsError, match="resnet34.pth: does not fit torchvision's ResNet-50; missing keys"):
         load_resnet50_weights(backbone, wrong)
+
+
+def test_yolov2_config_is_the_papers_schedule():
+    """configs/config_1xH100_YOLOV2.sh: the paper's 160 epochs (x0.1 at 60 and 90) with yolov2.cfg's
+    batch 64 and burn-in, multi-scale 320..608, darknet's ImageNet Darknet-19."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from single_stage_detector.__main__ import build_parser
+    from single_stage_detector.config import config_from_args
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "config_1xH100_YOLOV2.sh"
+    script = f'set -euo pipefail; set -a; . "{config}"; set +a; printf "%s\\n%s" "$BACKBONE" "$EXTRA_PARAMS"'
+    backbone, params = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                                      env={"PATH": "/usr/bin:/bin"}).stdout.split("\n", 1)
+    cfg = config_from_args(build_parser().parse_args(["train", "--data-dir", "/data", *shlex.split(params)]))
+    assert cfg.preset == "yolov2_darknet19" and cfg.batch_size == 64 and cfg.lr == 1e-3
+    assert (cfg.epochs, tuple(cfg.lr_decay_epochs), cfg.weight_decay, cfg.momentum) == (160, (60, 90), 5e-4, 0.9)
+    assert (cfg.warmup_type, cfg.warmup_power, cfg.warmup_steps) == ("power", 4, 1000)
+    assert tuple(cfg.multi_scale) == (320, 608) and backbone.endswith("darknet19_448.conv.23")

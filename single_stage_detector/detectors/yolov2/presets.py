@@ -15,7 +15,7 @@
   the best class per box).
 * ``yolov2_tiny_cpu``: the darknet design, narrow and shallow, for 128-px inputs (a 4 x 4 grid)
   on a couple of CPU cores: the demo on the synthetic dataset. Anchors: k-means (``kmeans-anchors
-  --num 5 --input-size 128``) of the synthetic training set, in grid units (pixels / 32).
+  --num 5 --input-size 128 --units grid``) of the synthetic training set, in grid units.
 
 Anchors of every YOLOv2 preset are (width, height) **in grid cells** of the stride-32 output
 (YOLO.md; darknet ``[region] anchors``): multiply by 32 for pixels of the network input. They do
@@ -181,15 +181,15 @@ YOLOV2_RESNET50 = YOLOv2Preset(
 YOLOV2_TINY_CPU = YOLOv2Preset(
     name="yolov2_tiny_cpu",
     input_size=128,
-    width=16,
+    width=8,
     stage_convs=(1, 1, 1, 1, 3, 3),
     head_channels=256,
     passthrough_channels=32,
     reorg_order="space_to_depth",
-    # `kmeans-anchors data/synthetic/annotations/instances_train2017.json --num 5 --input-size 128`
-    # (seed 0, the 5,828 boxes of the default synthetic training set): 19,17 23,33 49,32 33,58
-    # 67,60 px (mean IoU 0.68, BPR 1.0), divided by 32.
-    anchors=((0.59375, 0.53125), (0.71875, 1.03125), (1.53125, 1.0), (1.03125, 1.8125), (2.09375, 1.875)),
+    # `kmeans-anchors data/synthetic/annotations/instances_train2017.json --num 5 --input-size 128
+    # --units grid` (seed 0, the 5,828 boxes of the default synthetic training set): mean IoU 0.68,
+    # BPR 1.0.
+    anchors=((0.6031, 0.5251), (0.7108, 1.0263), (1.5394, 0.9872), (1.0402, 1.8223), (2.0875, 1.8793)),
     objectness_prior=0.01,
     quality_target=0.23,
     description="small YOLOv2 for 128x128 inputs that trains on a few CPU cores (demo, not the benchmark)",
