@@ -141,3 +141,27 @@ def test_yolov2_config_is_the_papers_schedule():
     assert (cfg.epochs, tuple(cfg.lr_decay_epochs), cfg.weight_decay, cfg.momentum) == (160, (60, 90), 5e-4, 0.9)
     assert (cfg.warmup_type, cfg.warmup_power, cfg.warmup_steps) == ("power", 4, 1000)
     assert tuple(cfg.multi_scale) == (320, 608) and backbone.endswith("darknet19_448.conv.23")
+
+
+@pytest.mark.slow
+def test_darknet19_backbone_file_loads_into_yolov2_darknet19(tmp_path):
+    """--pretrained-backbone darknet19_448.conv.23: the first 18 convs of a darknet file (written here
+    from a random Darknet-19) load into the backbone, bit for bit; the head keeps its init."""
+    from single_stage_detector.detectors.base import build_detector
+    from single_stage_detector.detectors.yolo.darknet_weights import write_darknet_weights
+
+    torch.manual_seed(1)
+    source = build_detector("yolov2_darknet19").model
+    for m in source.modules():  # BatchNorm statistics away from their init, so the copy shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "darknet19_448.conv.23"
+    write_darknet_weights(source, path, max_conv_layers=18)
+    assert path.stat().st_size == 79_327_124  # 0.2 header (20 bytes) + the 18 convs
+    detector = build_detector("yolov2_darknet19", pretrained_backbone=path)
+    assert detector.backbone_pretrained
+    ours, theirs = detector.model.state_dict(), source.state_dict()
+    backbone = [k for k in ours if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    assert len(backbone) == 18 * 5 and all(torch.equal(ours[k], theirs[k]) for k in backbone)
+    assert not torch.equal(ours["head.conv.weight"], theirs["head.conv.weight"])
