@@ -111,7 +111,7 @@ def _one_box(variant, images_seen=0):
     view = _raw(1, 2)
     view[0, 0, :, 1, 0] = torch.tensor(RESPONSIBLE_RAW)
     raw = _flat(view)
-    kw = {"ignore_threshold": 0.6} if variant == "darknet" else {"ignore_threshold": 0.5, "prior_warmup_images": 0}
+    kw = {"ignore_threshold": 0.6 if variant == "darknet" else 0.5}
     terms = RegionLoss(ANCHORS, 3, variant=variant, **kw)(raw, [_xyxy(TRUTH_1BOX)], [torch.tensor([3])],
                                                             images_seen=images_seen)
     sum(terms.values()).backward()
@@ -211,7 +211,7 @@ def test_seed004_ignores_the_cells_other_anchors_by_shape():
     # anchor 0 ignored (> .5) at that cell only; anchor 2 not.
     anchors = torch.tensor([[1.0, 1.0], [1.2, 1.2], [3.0, 3.0]])
     raw = _flat(_raw(1, 2, anchors=3))
-    loss = RegionLoss(anchors, 3, variant="seed004", ignore_threshold=0.5, prior_warmup_images=0)
+    loss = RegionLoss(anchors, 3, variant="seed004", ignore_threshold=0.5)
     sum(loss(raw, [_xyxy([0.75, 0.75, 0.55, 0.55])], [torch.tensor([2])]).values()).backward()
     g = _grad_view(raw, anchors=3)
     assert g[0, 0, 4, 1, 1].item() == 0.0 and g[0, 2, 4, 1, 1].item() == pytest.approx(0.25)
@@ -225,7 +225,8 @@ def test_prior_warmup_switches_off_after_12800_images():
     torch.manual_seed(0)
     detector = build_detector("yolov2_tiny_cpu").train()
     images = torch.rand(2, 3, 64, 64)
-    targets = {"boxes": [_xyxy(TRUTH_1BOX), _xyxy([0.5, 0.5, 0.9, 0.8])], "labels": [torch.tensor([1]), torch.tensor([2])]}
+    targets = {"boxes": [_xyxy(TRUTH_1BOX), _xyxy([0.5, 0.5, 0.9, 0.8])],
+               "labels": [torch.tensor([1]), torch.tensor([2])]}
     assert "images_seen" in detector.model.state_dict() and detector.images_seen == 0
     # darknet: net.seen += batch, then the region layer tests seen < 12800.
     detector.model.images_seen.fill_(12797)
@@ -267,7 +268,8 @@ def _darknet_region_deltas(raw, gts, anchors, num_classes, thresh, seen):
         return ix * iy / (p[2] * p[3] + t[2] * t[3] - ix * iy)
 
     def delta_box(t, b, n, j, i, scale):
-        target = [t[0] * gw - i, t[1] * gh - j, math.log(t[2] * gw / anchors[n][0]), math.log(t[3] * gh / anchors[n][1])]
+        target = [t[0] * gw - i, t[1] * gh - j,
+                  math.log(t[2] * gw / anchors[n][0]), math.log(t[3] * gh / anchors[n][1])]
         out = [_sig(x[b][n][0][j][i]), _sig(x[b][n][1][j][i]), x[b][n][2][j][i], x[b][n][3][j][i]]
         for k in range(4):
             delta[b][n][k][j][i] = scale * (target[k] - out[k])
@@ -459,7 +461,8 @@ def test_every_preset_trains_a_step_and_evaluates(name):
     torch.manual_seed(0)
     detector = build_detector(name)
     images = torch.rand(2, 3, 64, 64)  # grid 2
-    targets = {"boxes": [_xyxy(TRUTH_1BOX), torch.zeros(0, 4)], "labels": [torch.tensor([5]), torch.zeros(0, dtype=torch.long)]}
+    targets = {"boxes": [_xyxy(TRUTH_1BOX), torch.zeros(0, 4)],
+               "labels": [torch.tensor([5]), torch.zeros(0, dtype=torch.long)]}
     detector.train()
     terms = detector(images, targets)
     assert set(terms) == {"xy", "wh", "obj", "noobj", "cls", "prior"}

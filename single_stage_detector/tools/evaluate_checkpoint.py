@@ -105,8 +105,8 @@ SIZE_TABLE_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 def format_size_table(rows: list[tuple[int, dict]]) -> str:
     """``[(input size, COCO stats)]`` -> the table ``evaluate --input-sizes`` prints: one line per
     size with AP, AP50, AP75, AP_S, AP_M, AP_L in percent (one decimal)."""
-    header = f"{'size':>6}" + "".join(f"{name.replace('_small', '_S').replace('_medium', '_M').replace('_large', '_L'):>8}"
-                                      for name in SIZE_TABLE_STATS)
+    short = {"AP_small": "AP_S", "AP_medium": "AP_M", "AP_large": "AP_L"}
+    header = f"{'size':>6}" + "".join(f"{short.get(name, name):>8}" for name in SIZE_TABLE_STATS)
     lines = [header]
     for size, stats in rows:
         lines.append(f"{size:>6}" + "".join(f"{100.0 * stats[name]:>8.1f}" for name in SIZE_TABLE_STATS))

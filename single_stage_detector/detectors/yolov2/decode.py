@@ -61,7 +61,8 @@ def decode_region(raw: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor, Tensor]
     boxes = cxcywh_to_xyxy(decode_boxes(view[..., :4], anchors, (gh, gw)))
     objectness = torch.sigmoid(view[..., 4])
     class_probs = F.softmax(view[..., 5:], dim=-1)
-    return boxes.reshape(batch, -1, 4), objectness.reshape(batch, -1), class_probs.reshape(batch, -1, view.shape[-1] - 5)
+    num_classes = view.shape[-1] - 5
+    return boxes.reshape(batch, -1, 4), objectness.reshape(batch, -1), class_probs.reshape(batch, -1, num_classes)
 
 
 @torch.no_grad()

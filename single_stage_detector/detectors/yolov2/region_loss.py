@@ -155,7 +155,7 @@ class RegionLoss(nn.Module):
             cell's other anchors are ignored (0.5).
         object_scale, noobject_scale, coord_scale, class_scale: ``yolov2.cfg`` 5, 1, 1, 1.
         prior_warmup_images: the prior-matching term is on while fewer training images than
-            this have been seen (darknet: 12800); 0: never (seed004).
+            this have been seen (darknet: 12800); 0: never. The seed004 variant has none.
         prior_scale: its weight (darknet: .01).
 
     Raises:
@@ -183,7 +183,7 @@ class RegionLoss(nn.Module):
         self.noobject_scale = float(noobject_scale)
         self.coord_scale = float(coord_scale)
         self.class_scale = float(class_scale)
-        self.prior_warmup_images = int(prior_warmup_images)
+        self.prior_warmup_images = int(prior_warmup_images) if variant == "darknet" else 0  # seed004: none
         self.prior_scale = float(prior_scale)
 
     @property
