@@ -62,6 +62,7 @@ CASES = [
     ("evaluate-other-torch-file", "evaluate {d}/other.pt", "{d}/other.pt"),
     ("evaluate-unknown-device", "evaluate {d}/other.pt --device tpu", "--device"),
     ("evaluate-range", "evaluate {d}/other.pt --batch-size 0", "--batch-size"),
+    ("evaluate-input-sizes", "evaluate {d}/other.pt --input-sizes 416 300", "--input-sizes"),
     ("show-detections-missing", "show-detections {d}/none.pt", "{d}/none.pt"),
     ("show-detections-log", "show-detections {d}/notes.log", "{d}/notes.log"),
     ("show-detections-range", "show-detections {d}/other.pt --cols 0", "--cols"),

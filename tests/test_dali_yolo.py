@@ -509,7 +509,7 @@ def test_yolo_demo_with_dali_reaches_its_target_and_evaluates_alike(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["yolov1_tiny_cpu"])
+@pytest.mark.parametrize("preset", ["yolov1_tiny_cpu", "yolov2_tiny_cpu"])
 def test_other_yolo_families_train_with_dali(preset, coco, tmp_path):
     """Every YOLO family reads through the same DALI graph: a one-epoch run completes and logs."""
     from cli_runner import run_cli

@@ -25,7 +25,7 @@ def test_every_preset_names_a_registered_family():
     for name, preset in presets.items():
         assert family_of(preset) is FAMILIES[preset.family]
         assert 0.0 < preset.quality_target <= 1.0, name
-    assert {p.family for p in presets.values()} == set(FAMILIES) >= {"ssd", "yolov3", "yolov1"}
+    assert {p.family for p in presets.values()} == set(FAMILIES) >= {"ssd", "yolov3", "yolov1", "yolov2"}
     with pytest.raises(ValueError, match="valid presets: .*yolov3_tiny_cpu"):
         get_preset("yolov9")
 

@@ -65,7 +65,8 @@ PLAN = {
     "python -m single_stage_detector benchmark --parts data --photos --num-workers 2": ("run", BENCH_SHORT, 0),
     "make demo PRESET=yolov3_tiny_cpu": ("skip", "the YOLOv3 demo to its target: tests/test_yolo_demo.py "
                                                  "(make test-demos)"),
-    "make test-demos": ("skip", "the tests marked demo (the YOLOv3 and DALI demos to their targets), run apart"),
+    "make test-demos": ("skip", "the tests marked demo (the YOLOv3, YOLOv2 and DALI demos to their targets), "
+                                "run apart"),
     "python -m single_stage_detector check-logs output/demo-yolov3_tiny_cpu/mlperf.log": (
         "skip", "needs the YOLOv3 demo's output; its log is checked in tests/test_yolo_demo.py"),
     "python -m single_stage_detector kmeans-anchors data/synthetic/annotations/instances_train2017.json --num 9 "
@@ -86,6 +87,16 @@ PLAN = {
         "skip", "needs the YOLOv1 demo's output; its log is checked in tests/test_yolov1_demo.py"),
     "python -m single_stage_detector train --preset yolov1_resnet34 --data-dir /data/coco2017": (
         "skip", "needs the real COCO, the ImageNet weights and a GPU"),
+    "make demo PRESET=yolov2_tiny_cpu": ("skip", "the YOLOv2 demo to its target: tests/test_yolov2_demo.py "
+                                                 "(make test-demos)"),
+    "python -m single_stage_detector evaluate output/demo-yolov2_tiny_cpu/checkpoint.pt --input-sizes 96 128 160": (
+        "skip", "needs the YOLOv2 demo's checkpoint; evaluate --input-sizes runs in tests/test_yolov2_harness.py"),
+    "python -m single_stage_detector kmeans-anchors data/synthetic/annotations/instances_train2017.json --num 5 "
+    "--input-size 128 --units grid": ("run", "", 0),
+    "python -m single_stage_detector train --preset yolov2_resnet50 --pretrained-backbone resnet50-0676ba61.pth": (
+        "skip", "needs the real COCO, a GPU and torchvision's ImageNet weights"),
+    "python -m single_stage_detector evaluate output/run/checkpoint.pt --input-sizes 320 416 512 544 608": (
+        "skip", "needs a COCO-trained checkpoint and the real COCO"),
     "make wheelhouse PY=3.12": ("skip", "internet: downloads wheels"),
     "WHEELHOUSE=wheelhouse make gpu-check OUT=output/gpu_check": (
         "skip", "needs the wheel folder of make wheelhouse; the check runs on the CPU in tests/test_gpu_check.py"),

@@ -119,7 +119,7 @@ def _ensure_registered() -> None:
 
     # Each registers itself on its first import; importing one family directly (its own tests)
     # must not hide the others, so every module is looked up (a dict lookup once imported).
-    for module in (".ssd.family", ".yolo.family", ".yolov1.family"):
+    for module in (".ssd.family", ".yolo.family", ".yolov1.family", ".yolov2.family"):
         importlib.import_module(module, __package__)
 
 

@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
                         "as the reference")
     p.add_argument("--data-backend", default="torch", choices=("torch", "dali", "auto"),
                    help="input pipeline reading the val split (both give the same AP; see docs/DALI.md)")
+    p.add_argument("--input-sizes", type=int, nargs="+", default=None, metavar="SIZE",
+                   help="evaluate at each of these input sides (multiples of 32; presets of a family with a "
+                        "variable input size, YOLO) and print one row of AP, AP50, AP75, AP_S, AP_M, AP_L per "
+                        "size (default: the checkpoint's input size only)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -36,12 +40,13 @@ def add_parser(sub) -> None:
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLike, *, batch_size: int = 32,
                         num_workers: int = 2, max_images: int | None = None, all_images: bool = False,
                         device: str = "auto", amp: str = "auto", clip_boxes: bool = False,
-                        data_backend: str = "torch"):
+                        data_backend: str = "torch", input_size: int | None = None):
     """The :class:`~single_stage_detector.evaluation.EvalResult` of ``checkpoint`` on ``data_dir``'s val split.
 
     ``amp`` is the evaluation precision (``auto``: fp32, as ``train --eval-amp``);
     ``clip_boxes`` clips the detections to the image after NMS (default: the reference's
-    unclipped boxes).
+    unclipped boxes); ``input_size``: evaluate at this input side instead of the checkpoint's
+    (ConfigError naming ``--input-sizes`` for a family with a fixed input size).
     """
     import torch
 
@@ -58,6 +63,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
     detector, preset, _ = load_detector(checkpoint, device=str(dev))
     detector.clip_boxes = clip_boxes
     family = family_of(preset)
+    if input_size is not None:
+        _check_variable_input_size(preset)
+        import dataclasses
+
+        preset = dataclasses.replace(preset, input_size=int(input_size))
     if not family.supports_dali:
         if data_backend == "dali":
             raise ConfigError(f"--data-backend dali: preset {preset.name!r} ({family.name}) is read with the "
@@ -77,16 +87,79 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
         val.close()
 
 
+def _check_variable_input_size(preset) -> None:
+    from ..config import ConfigError
+    from ..detectors.base import family_of
+
+    family = family_of(preset)
+    if not family.variable_input_size:
+        raise ConfigError(f"--input-sizes: preset {preset.name!r} ({family.name}) has a fixed input size "
+                          f"({preset.input_size}); only presets of families with a variable input size (YOLO) "
+                          "can be evaluated at other sizes")
+
+
+SIZE_TABLE_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+"""The columns of ``--input-sizes``' table (seed 004's layout), COCO stats in percent."""
+
+
+def format_size_table(rows: list[tuple[int, dict]]) -> str:
+    """``[(input size, COCO stats)]`` -> the table ``evaluate --input-sizes`` prints: one line per
+    size with AP, AP50, AP75, AP_S, AP_M, AP_L in percent (one decimal)."""
+    short = {"AP_small": "AP_S", "AP_medium": "AP_M", "AP_large": "AP_L"}
+    header = f"{'size':>6}" + "".join(f"{short.get(name, name):>8}" for name in SIZE_TABLE_STATS)
+    lines = [header]
+    for size, stats in rows:
+        lines.append(f"{size:>6}" + "".join(f"{100.0 * stats[name]:>8.1f}" for name in SIZE_TABLE_STATS))
+    return "\n".join(lines)
+
+
+def _run_sizes(args: argparse.Namespace, ckpt: dict, data_dir: str) -> int:
+    """``evaluate --input-sizes``: one evaluation per size, then the table (or one JSON object)."""
+    import contextlib
+    import sys
+
+    from ..detectors.base import get_preset
+
+    _check_variable_input_size(get_preset(ckpt["preset"]))
+    results = []
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        for size in args.input_sizes:
+            results.append((size, evaluate_checkpoint(
+                ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers, max_images=args.max_images,
+                all_images=args.all_images, device=args.device, amp=args.amp, clip_boxes=args.clip_boxes,
+                data_backend=args.data_backend, input_size=size)))
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir),
+                          "sizes": [{"input_size": size, "ap": r.ap, "num_images": r.num_images,
+                                     "num_detections": r.num_detections, "seconds": r.seconds, "stats": r.stats}
+                                    for size, r in results],
+                          "policy": results[0][1].policy}))
+        return 0
+    first = results[0][1]
+    print(f"{args.checkpoint} on {data_dir}: {first.num_images} images, preset {ckpt['preset']}, "
+          f"{sum(r.seconds for _, r in results):.1f} s; COCO box AP (%) per input size:")
+    print(format_size_table([(size, r.stats) for size, r in results]))
+    if first.policy:
+        print("policy: " + ", ".join(f"{k} {v}" for k, v in first.policy.items()
+                                     if isinstance(v, (int, float, bool)) or v is None))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import checkpoint_data_dir
-    from ..config import check_device
+    from ..config import ConfigError, check_device
     from .cli import load_checkpoint_arg, require_positive
 
     require_positive(args, "--batch-size", "--max-images")
     require_positive(args, "--num-workers", minimum=0)
     check_device(args.device)
+    for size in args.input_sizes or ():
+        if size < 32 or size % 32:
+            raise ConfigError(f"--input-sizes: each size must be a positive multiple of 32, got {size}")
     ckpt = load_checkpoint_arg(args.checkpoint)
     data_dir = checkpoint_data_dir(ckpt, args.checkpoint, args.data_dir)
+    if args.input_sizes:
+        return _run_sizes(args, ckpt, data_dir)
     import contextlib
     import sys
 
