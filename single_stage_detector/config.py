@@ -79,7 +79,8 @@ class TrainConfig:
     # -- what to train, on what --------------------------------------------------------
     preset: str = _f("ssd300_resnet34", "model preset: ssd300_resnet34 (the benchmark), ssd_tiny (SSD CPU demo), "
                                          "yolov3_darknet53, yolov3_tiny_cpu (YOLOv3 CPU demo), yolov1_resnet34, "
-                                         "yolov1_coursework, yolov1_tiny_cpu (YOLOv1 CPU demo)")
+                                         "yolov1_coursework, yolov1_tiny_cpu (YOLOv1 CPU demo), yolov2_darknet19, "
+                                         "yolov2_resnet50, yolov2_tiny_cpu (YOLOv2 CPU demo)")
     input_size: Optional[int] = _f(None, "network input side in pixels (default: the preset's); YOLO presets "
                                          "only (a multiple of 32, anchors unchanged); SSD's default boxes fix its size")
     anchors: Optional[tuple[str, ...]] = _f(

@@ -155,3 +155,8 @@ def test_check_logs_applies_the_harness_rules_to_a_yolo_log(tmp_path):
     # Asked for explicitly, the official 1.0.0 rules run, and reject the benchmark name.
     proc = _check_logs(str(good), "--ruleset", "1.0.0")
     assert proc.returncode == 1 and "yolov3" in proc.stdout and "training 1.0.0" in proc.stdout, proc.stdout
+
+
+def test_the_preset_flag_help_names_every_preset():
+    text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "preset").metadata["help"]
+    assert [name for name in all_presets() if name not in text] == []
