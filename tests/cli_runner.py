@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 _lock = threading.Lock()
+_PER_TEST_VARIABLES = ("PYTEST_CURRENT_TEST",)
 _zygotes: dict[frozenset | None, subprocess.Popen] = {}  # by environment (None: this process's)
 
 
@@ -58,13 +59,15 @@ def run_cli(args: list, cwd: str | Path | None = None, timeout: float = 600,
     """
     args = [str(a) for a in args]
     cmd = [sys.executable, "-m", "single_stage_detector", *args]
-    key = None if env is None else frozenset(env.items())
+    # pytest sets PYTEST_CURRENT_TEST anew for every test: not a reason for another zygote.
+    key = None if env is None else frozenset((k, v) for k, v in env.items() if k not in _PER_TEST_VARIABLES)
     with _lock, tempfile.TemporaryDirectory(prefix="cli_run_") as tmp:
         zygote = _zygotes.get(key)
         if zygote is None or zygote.poll() is not None:
             zygote = _zygotes[key] = _start_zygote(env)
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        request = {"argv": args, "cwd": str(cwd if cwd is not None else os.getcwd()), "stdout": out, "stderr": err}
+        request = {"argv": args, "cwd": str(cwd if cwd is not None else os.getcwd()), "stdout": out, "stderr": err,
+                   "env": None if env is None else dict(env)}
         zygote.stdin.write(json.dumps(request) + "\n")
         zygote.stdin.flush()
         pid = int(zygote.stdout.readline())
@@ -97,6 +100,9 @@ def _run_child(request: dict) -> None:
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.chdir(request["cwd"])
+        if request["env"] is not None:  # exactly the command's environment (its zygote started with it)
+            os.environ.clear()
+            os.environ.update(request["env"])
         import single_stage_detector.__main__ as cli
 
         sys.argv = [cli.__file__, *request["argv"]]  # as `python -m` sets it
