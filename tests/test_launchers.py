@@ -436,12 +436,23 @@ def test_run_with_docker_success_exit_status(fake_docker, tmp_path):
     assert [c[0] for c in docker_calls(state)] == ["run"] + ["run", "exec"] * 3 + ["rm"]
 
 
+def _default_stop_signals() -> None:
+    """In the launched process, before exec: SIGINT and SIGTERM as a shell started from a terminal
+    has them (default action, not blocked). A signal ignored on entry to a shell cannot be
+    trapped, and the ignore and the signal mask are inherited through exec, so whatever an
+    earlier test left in this process must not reach the launcher."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def test_run_with_docker_ctrl_c_removes_the_container(fake_docker, tmp_path):
     env, state = fake_docker
     env.update(CONT="ssd:test", DATADIR=str(tmp_path), LOGDIR=str(tmp_path / "logs"), DGXSYSTEM="CPU",
                CLEAR_CACHES="0", FAKE_DOCKER_EXEC_STUB="0", FAKE_DOCKER_EXEC_SLEEP="60")
     proc = subprocess.Popen([str(REPO / "run_with_docker.sh")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_stop_signals)
     try:
         deadline = time.monotonic() + 120  # generous: the suite's other process shares the cores
         while not any(c[0] == "exec" for c in docker_calls(state)):
@@ -550,7 +561,7 @@ def test_run_and_time_passes_sigterm_on_and_waits_for_the_clean_stop(tmp_path):
               f'exec "{REPO / "scripts" / "run_and_time.sh"}"')
     env = clean_env(DATADIR=str(tmp_path / "data"), LOGDIR=str(tmp_path / "logs"), RUN_NAME="r1", PYTHON=str(fake))
     proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
+                            text=True, cwd=tmp_path, preexec_fn=_default_stop_signals)
     for line in proc.stdout:
         if "trainer started" in line:
             break
