@@ -54,7 +54,7 @@ demo: venv
 	fi; \
 	exit $$status
 
-# `make test` leaves out the demos besides the SSD one (YOLOv3 and DALI to their targets, a few
+# `make test` leaves out the demos besides the SSD one (YOLOv1-v3 and DALI to their targets, a few
 # minutes each on 2 cores); `make test-demos` runs them, one after the other on idle cores.
 test: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not demo" $(PYTEST_ARGS)

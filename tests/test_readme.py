@@ -65,7 +65,7 @@ PLAN = {
     "python -m single_stage_detector benchmark --parts data --photos --num-workers 2": ("run", BENCH_SHORT, 0),
     "make demo PRESET=yolov3_tiny_cpu": ("skip", "the YOLOv3 demo to its target: tests/test_yolo_demo.py "
                                                  "(make test-demos)"),
-    "make test-demos": ("skip", "the tests marked demo (the YOLOv3, YOLOv2 and DALI demos to their targets), "
+    "make test-demos": ("skip", "the tests marked demo (the YOLOv1, YOLOv2, YOLOv3 and DALI demos to their targets), "
                                 "run apart"),
     "python -m single_stage_detector check-logs output/demo-yolov3_tiny_cpu/mlperf.log": (
         "skip", "needs the YOLOv3 demo's output; its log is checked in tests/test_yolo_demo.py"),
