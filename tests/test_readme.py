@@ -79,15 +79,15 @@ PLAN = {
         "skip", "needs the YOLOv3 demo's checkpoint; predict runs in tests/test_yolo_harness.py"),
     "python -m single_stage_detector benchmark --preset yolov3_darknet53": (
         "skip", "a GPU command (minutes per step on 2 cores); the YOLO benchmark runs in tests/test_yolo_harness.py"),
-    "make demo PRESET=yolov1_tiny_cpu": ("skip", "the YOLOv1 demo to its target: tests/test_yolov1_demo.py "
+    "make demo PRESET=yolov1_tiny_cpu": ("skip", "the YOLOv1 demo to its target: tests/test_yolo_demo.py "
                                                  "(make test-demos)"),
     "python -m single_stage_detector demo --preset yolov1_tiny_cpu --anchors kmeans:2 "
     "--output-dir output/demo-yolov1-anchors": ("run", SHORT, ABORTED),
     "python -m single_stage_detector check-logs output/demo-yolov1_tiny_cpu/mlperf.log": (
-        "skip", "needs the YOLOv1 demo's output; its log is checked in tests/test_yolov1_demo.py"),
+        "skip", "needs the YOLOv1 demo's output; its log is checked in tests/test_yolo_demo.py"),
     "python -m single_stage_detector train --preset yolov1_resnet34 --data-dir /data/coco2017": (
         "skip", "needs the real COCO, the ImageNet weights and a GPU"),
-    "make demo PRESET=yolov2_tiny_cpu": ("skip", "the YOLOv2 demo to its target: tests/test_yolov2_demo.py "
+    "make demo PRESET=yolov2_tiny_cpu": ("skip", "the YOLOv2 demo to its target: tests/test_yolo_demo.py "
                                                  "(make test-demos)"),
     "python -m single_stage_detector evaluate output/demo-yolov2_tiny_cpu/checkpoint.pt --input-sizes 96 128 160": (
         "skip", "needs the YOLOv2 demo's checkpoint; evaluate --input-sizes runs in tests/test_yolov2_harness.py"),
