@@ -166,6 +166,9 @@ class TrainConfig:
     eval_start: Optional[int] = _f(None, "first epoch to evaluate after (default: --eval-every)")
     eval_epochs: Optional[tuple[int, ...]] = _f(
         None, "explicit evaluation epochs (overrides --eval-every), e.g. the v0.7 list 40 50 55 60 65 70 75 80")
+    val_loss: str = _f("auto", "also compute the training loss on the val images at each evaluation, from the "
+                               "same forward pass (metrics.jsonl val_loss, plotted): on | off | auto (on, except "
+                               "for the MLPerf benchmark preset, where it would add to the timed evaluations)")
     eval_all_images: bool = _f(False, "also evaluate val images without annotations (default: the reference's 4,952)")
     max_train_images: Optional[int] = _f(None, "use only the first N training images (smoke tests)")
     max_eval_images: Optional[int] = _f(None, "evaluate only the first N val images (smoke tests)")
@@ -222,6 +225,10 @@ class TrainConfig:
         start = self.eval_start if self.eval_start is not None else self.eval_every
         return list(range(start, self.epochs + 1, self.eval_every))
 
+    def resolved_val_loss(self, benchmark_preset: bool) -> bool:
+        """Whether evaluations also compute the val loss (``--val-loss``; auto: not for the benchmark)."""
+        return self.val_loss == "on" or (self.val_loss == "auto" and not benchmark_preset)
+
     def resolved_division(self, benchmark_preset: bool) -> str:
         if self.division != "auto":
             return self.division
@@ -276,6 +283,8 @@ class TrainConfig:
         for name in ("amp", "eval_amp"):
             if getattr(self, name) not in ("auto", "off", "bf16", "fp16"):
                 raise bad(name, f"expected auto|off|bf16|fp16, got {getattr(self, name)!r}")
+        if self.val_loss not in ("auto", "on", "off"):
+            raise bad("val_loss", f"expected auto|on|off, got {self.val_loss!r}")
         if self.color_jitter not in ("fused", "torchvision"):
             raise bad("color_jitter", f"expected fused|torchvision, got {self.color_jitter!r}")
         if self.data_backend not in ("torch", "dali", "auto"):
@@ -386,6 +395,7 @@ RESUME_MAY_DIFFER = frozenset({
     "data_dir", "synthetic", "synthetic_train_images", "synthetic_val_images", "pretrained_backbone", "output_dir",
     "log_file", "metrics_file", "tensorboard_dir", "save_checkpoint", "checkpoint_every", "keep_checkpoints",
     "resume", "check_images", "epochs", "threshold", "eval_every", "eval_start", "eval_epochs", "eval_all_images",
+    "val_loss",
     "eval_batch_size", "max_eval_images", "eval_amp", "seed", "device", "num_workers", "log_every",
     "dist_timeout_s", "division", "submission_org", "submission_platform", "submission_status", "cache_cleared",
 })

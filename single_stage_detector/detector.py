@@ -3,7 +3,9 @@
 * training mode: ``detector(images, targets) -> dict[str, Tensor]`` of named, already
   weighted loss terms (their sum is what is minimised);
 * evaluation mode: ``detector(images) -> list[dict]`` with per-image ``boxes``
-  (Tensor[K, 4], x1 y1 x2 y2 normalised), ``scores`` (Tensor[K]), ``labels`` (Tensor[K]).
+  (Tensor[K, 4], x1 y1 x2 y2 normalised), ``scores`` (Tensor[K]), ``labels`` (Tensor[K]);
+  ``detector(images, targets) -> (detections, loss terms)``: the same detections plus the
+  training loss of the same forward pass (the val loss), nothing updated.
 
 A new detector family (YOLO) is a new class with the same two modes; the loop is shared.
 """
@@ -68,16 +70,28 @@ class SSDDetector(nn.Module):
         return self.box_coder.encode(boxes, labels)
 
     def forward(self, images: Tensor, targets: Targets | None = None):
+        """Training: the loss terms (``MultiboxLoss.terms``); evaluation: per-image detections, and
+        with ``targets`` the pair ``(detections, loss terms)`` (the val loss of the same outputs).
+
+        Raises:
+            ValueError: in training mode without ``targets``.
+        """
         loc, cls_logits = self.model(images)
         if self.training:
             if targets is None:
                 raise ValueError("SSDDetector in training mode needs targets")
-            if "loc" in targets:
-                loc_t, labels_t = targets["loc"], targets["labels"]
-            else:
-                with torch.no_grad():
-                    loc_t, labels_t = self.encode_targets(targets["boxes"], targets["labels"])
-            return self.loss.terms(loc, cls_logits, loc_t, labels_t)
-        return postprocess(loc, cls_logits, self.default_boxes, box_coder=self.box_coder,
-                           score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
-                           max_per_class=200, max_detections=self.max_detections, clip_boxes=self.clip_boxes)
+            return self._loss_terms(loc, cls_logits, targets)
+        detections = postprocess(loc, cls_logits, self.default_boxes, box_coder=self.box_coder,
+                                 score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
+                                 max_per_class=200, max_detections=self.max_detections, clip_boxes=self.clip_boxes)
+        if targets is None:
+            return detections
+        return detections, self._loss_terms(loc, cls_logits, targets)
+
+    def _loss_terms(self, loc: Tensor, cls_logits: Tensor, targets: Targets) -> dict[str, Tensor]:
+        if "loc" in targets:
+            loc_t, labels_t = targets["loc"], targets["labels"]
+        else:
+            with torch.no_grad():
+                loc_t, labels_t = self.encode_targets(targets["boxes"], targets["labels"])
+        return self.loss.terms(loc, cls_logits, loc_t, labels_t)

@@ -95,6 +95,8 @@ class ShardedEvalResult(EvalResult):
     """An :class:`EvalResult` plus how many images each rank ran inference on."""
 
     images_per_rank: list[int] = field(default_factory=list)
+    val_loss: float | None = None  # the loss on the evaluated images (``evaluate(val_loss=True)``)
+    val_loss_terms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -412,6 +414,7 @@ def evaluate(
     amp: AmpSettings,
     info: DistInfo,
     channels_last: bool = False,
+    val_loss: bool = False,
 ) -> EvalResult:
     """Run inference on this rank's shard, gather on rank 0, COCO-evaluate there.
 
@@ -419,6 +422,12 @@ def evaluate(
     them (in place), as the reference and NVIDIA's v0.7 code do before every evaluation,
     so that every rank evaluates (and later saves) the same model. Collective: call on
     every rank.
+
+    ``val_loss``: also compute the training loss on the evaluated images from the same forward
+    pass (``detector(images, targets)``, the contract's evaluation mode with targets), reported
+    in ``val_loss`` / ``val_loss_terms``: each term is the mean over batches of the batch's
+    term weighted by its number of images, over every rank's images. The loss terms stay on
+    the device until the end (no host synchronisation per batch).
 
     Returns the result on rank 0 and a placeholder (ap = nan) on other ranks; the caller
     broadcasts the AP so that every rank takes the same stop decision.
@@ -431,19 +440,36 @@ def evaluate(
     t0 = time.perf_counter()
     results: list[dict] = []
     seen_ids: list[int] = []
+    loss_sums: dict[str, Tensor] = {}
+    loss_images = 0
     for batch in loader:
         if len(batch) == 0:
             continue
+        keep = batch.valid.tolist()
+        if not all(keep):  # padding samples of a sharded last batch: not inferred, not counted
+            index = [i for i, k in enumerate(keep) if k]
+            batch = DetectionBatch(images=batch.images[index], boxes=[batch.boxes[i] for i in index],
+                                   labels=[batch.labels[i] for i in index], image_ids=batch.image_ids[index],
+                                   orig_sizes=batch.orig_sizes[index], valid=batch.valid[index])
+            if len(batch) == 0:
+                continue
         images = batch.images.to(info.device, non_blocking=True, memory_format=memory_format)
         with amp.autocast():
-            detections = detector(images)
-        keep = batch.valid.tolist()
-        ids = [int(i) for i, k in zip(batch.image_ids.tolist(), keep) if k]
-        dets = [d for d, k in zip(detections, keep) if k]
-        sizes = batch.orig_sizes[batch.valid]
-        results.extend(to_coco_results(dets, ids, sizes, label_to_category))
+            if val_loss:
+                detections, terms = detector(images, _targets_on(batch, info.device))
+            else:
+                detections = detector(images)
+        if val_loss:
+            n = len(batch)
+            for name, value in terms.items():
+                weighted = value.detach().double() * n
+                loss_sums[name] = loss_sums[name] + weighted if name in loss_sums else weighted
+            loss_images += n
+        ids = [int(i) for i in batch.image_ids.tolist()]
+        results.extend(to_coco_results(detections, ids, batch.orig_sizes, label_to_category))
         seen_ids.extend(ids)
     inference_s = time.perf_counter() - t0
+    losses = _gather_val_loss({k: float(v) for k, v in loss_sums.items()}, loss_images) if val_loss else None
     gathered = gather_results(results, seen_ids)
     if gathered is None:
         return ShardedEvalResult(ap=math.nan, seconds=inference_s)
@@ -454,4 +480,35 @@ def evaluate(
     assert evaluator is not None, "rank 0 needs the COCO evaluator"
     result = evaluator.evaluate(all_results, all_ids)
     result.seconds = time.perf_counter() - t0
-    return ShardedEvalResult(**vars(result), images_per_rank=images_per_rank)
+    out = ShardedEvalResult(**vars(result), images_per_rank=images_per_rank)
+    if losses is not None and losses:
+        out.val_loss_terms = losses
+        out.val_loss = sum(losses.values())
+    return out
+
+
+def _targets_on(batch: DetectionBatch, device: torch.device) -> dict[str, list[Tensor]]:
+    """The batch's ground truth on ``device``, one transfer per tensor kind."""
+    counts = [int(b.shape[0]) for b in batch.boxes]
+    boxes = torch.cat(batch.boxes).to(device, non_blocking=True).split(counts)
+    labels = torch.cat(batch.labels).to(device, non_blocking=True).split(counts)
+    return {"boxes": list(boxes), "labels": list(labels)}
+
+
+def _gather_val_loss(sums: dict[str, float], images: int) -> dict[str, float] | None:
+    """Per-term val loss over every rank's images, on rank 0 (None elsewhere): sum(term x images) /
+    sum(images). ``sums`` holds this rank's image-weighted term sums, ``images`` its image count."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((sums, images), parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+    else:
+        parts = [(sums, images)]
+    total = sum(n for _, n in parts)
+    names = sorted({k for part, _ in parts for k in part})
+    if total == 0:
+        return {}
+    return {k: sum(part.get(k, 0.0) for part, _ in parts) / total for k in names}

@@ -451,6 +451,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                                   f"{resumed[1]['resume']['data']['backend']}, this run reads with {data.backend}")
         schedule = make_schedule(cfg, lr, steps_per_epoch)  # a pure function of the step
         eval_epochs = set(cfg.evaluation_epochs())
+        val_loss = cfg.resolved_val_loss(preset.is_benchmark)
         say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
             f"val: {data.eval_samples} images; "
             f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}")
@@ -463,7 +464,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             # No training: one evaluation of the initial (--init-checkpoint) weights, epoch_num 0.
             with _ema_applied(ema):
                 last_ap, record_ = _evaluate_and_log(0, detector, data, evaluator, label_to_category, eval_amp,
-                                                     info, channels_last, mlog, metrics, run_start, say, cfg)
+                                                     info, channels_last, mlog, metrics, run_start, say, cfg,
+                                                     step=step, val_loss=val_loss)
             evaluations.append(record_)
             status = "success" if last_ap >= cfg.threshold else "aborted"
         for epoch in range(epochs_done + 1, 0 if cfg.eval_only else cfg.epochs + 1):
@@ -501,7 +503,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             if epoch in eval_epochs:
                 with _ema_applied(ema):  # the EMA weights evaluated, the trained ones restored after
                     ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, eval_amp,
-                                                    info, channels_last, mlog, metrics, run_start, say, cfg)
+                                                    info, channels_last, mlog, metrics, run_start, say, cfg,
+                                                    step=step, val_loss=val_loss)
                 last_ap = ap
                 evaluations.append(record_)
                 if ap >= cfg.threshold:
@@ -584,9 +587,11 @@ def _check_val_has_ground_truth(data, evaluator: CocoEvaluator | None, info: Dis
 
 
 def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, info, channels_last, mlog, metrics,
-                      run_start, say, cfg) -> tuple[float, dict]:
+                      run_start, say, cfg, *, step: int, val_loss: bool) -> tuple[float, dict]:
     """One distributed evaluation (every rank infers its shard, rank 0 scores) logged by rank 0;
     returns rank 0's AP on every rank, so that all ranks take the same stop decision.
+    ``step``: optimiser steps taken so far (the curves' x axis); ``val_loss``: also the loss on
+    the val images (metrics.jsonl ``val_loss`` and ``val_loss_<term>``, not the MLPerf log).
 
     An undefined AP (no ground truth among the evaluated images) stops every rank with
     :class:`UndefinedAPError`; nothing is logged as ``eval_accuracy`` then."""
@@ -594,7 +599,7 @@ def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, 
     undefined: UndefinedAPError | None = None
     try:
         result = evaluate(detector, data.eval, evaluator, label_to_category, amp=amp, info=info,
-                          channels_last=channels_last)
+                          channels_last=channels_last, val_loss=val_loss)
     except UndefinedAPError as e:  # raised on rank 0 only: tell the others through the broadcast
         undefined = e
     ap = broadcast_float(float("nan") if undefined is not None else result.ap, info)
@@ -605,12 +610,17 @@ def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, 
                                "(see its error)")
     mlog.event(C.EVAL_ACCURACY, ap, metadata={C.EPOCH_NUM: epoch})
     mlog.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch})
-    record_ = {"epoch": epoch, "ap": ap, "seconds": result.seconds, "elapsed_s": time.time() - run_start,
+    record_ = {"epoch": epoch, "step": step, "ap": ap, "seconds": result.seconds,
+               "elapsed_s": time.time() - run_start,
                "num_images": result.num_images, "num_detections": result.num_detections,
                "images_per_rank": result.images_per_rank,
                **{f"coco_{k}": v for k, v in result.stats.items()}}
+    if result.val_loss is not None:
+        record_["val_loss"] = result.val_loss
+        record_.update({f"val_loss_{k}": v for k, v in result.val_loss_terms.items()})
     metrics.write(kind="eval", **record_)
+    loss_text = f", val loss {result.val_loss:.3f}" if result.val_loss is not None else ""
     say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
-        f"VOC mAP@0.5 {result.stats.get('VOC_mAP50', float('nan')):.4f}, "
+        f"VOC mAP@0.5 {result.stats.get('VOC_mAP50', float('nan')):.4f}{loss_text}, "
         f"{result.num_images} images, {result.seconds:.1f} s), target {cfg.threshold}")
     return ap, record_

@@ -397,9 +397,13 @@ def test_evaluate_the_same_checkpoint_through_both_backends(dali_run, coco):
 
     ckpt = dali_run["out"] / "checkpoint.pt"
     results = {backend: evaluate_checkpoint(str(ckpt), coco["root"], batch_size=4, num_workers=1, device="cpu",
-                                            data_backend=backend) for backend in ("torch", "dali")}
+                                            data_backend=backend, val_loss=True) for backend in ("torch", "dali")}
     assert results["torch"].num_images == results["dali"].num_images == 4
     assert abs(results["torch"].ap - results["dali"].ap) <= 0.002
+    # The same boxes through both readers: the val loss agrees up to the resize's pixel differences.
+    assert results["torch"].val_loss > 0
+    assert results["dali"].val_loss == pytest.approx(results["torch"].val_loss, rel=0.02)
+    assert results["dali"].val_loss_terms.keys() == results["torch"].val_loss_terms.keys()
     # After one epoch the AP is near 0 either way: compare what the network sees and says.
     from single_stage_detector.config import TrainConfig
     from single_stage_detector.data.pipeline import build_eval_input

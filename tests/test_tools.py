@@ -283,6 +283,7 @@ def test_plots_of_one_run_and_an_overlay(tiny_run, five_runs, tmp_path, capsys):
     assert _png_size(out / "metrics_vs_time.png") == (1200, 800)
     assert _png_size(out / "metrics_vs_epoch.png") == (1200, 800)
     assert _png_size(out / "loss_map.png") == (1000, 400)
+    assert _png_size(out / "loss_map_vs_step.png") == (1000, 400)
 
     folder, _ = five_runs  # logs without metrics.jsonl next to them: throughput from the log alone
     several = tmp_path / "overlay"

@@ -68,6 +68,9 @@ def test_benchmark_preset_closed_division_log(small_coco, tmp_path):
                   tmp_path)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "RANDOMLY INITIALISED" in proc.stdout
+    # --val-loss auto: no loss pass inside the benchmark's timed evaluations.
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "eval"' in x]
+    assert len(evals) == 1 and "val_loss" not in evals[0]
     log = out / "mlperf.log"
     recs = _mllog(log)
     assert next(r for r in recs if r["key"] == "submission_division")["value"] == "closed"
@@ -130,6 +133,9 @@ def test_evaluate_command_reproduces_the_runs_last_evaluation(small_coco, tmp_pa
     assert got["num_images"] == last["num_images"] and got["num_detections"] == last["num_detections"]
     assert got["ap"] == pytest.approx(last["ap"], abs=1e-9)
     assert got["stats"]["AP50"] == pytest.approx(last["coco_AP50"], abs=1e-9)
+    # The val loss too (a mean over images: the batch size does not change it).
+    assert got["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert got["val_loss_terms"].keys() == {k[9:] for k in last if k.startswith("val_loss_")}
 
 
 def test_an_epoch_trains_every_image_once(small_coco, tmp_path):

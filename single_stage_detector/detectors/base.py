@@ -9,6 +9,9 @@ Contract (what the training loop, evaluation and the tools rely on; nothing else
   accepts targets its DALI pipeline already encoded);
 * evaluation mode: ``detector(images) -> list[dict]`` per image with ``boxes`` (Tensor[K, 4],
   x1 y1 x2 y2 normalised), ``scores`` (Tensor[K]) and ``labels`` (Tensor[K], 1..80);
+  ``detector(images, targets) -> (detections, loss terms)``: the same detections and the
+  training loss of the same forward pass on those targets (the val loss), with no state
+  advanced (BatchNorm statistics, YOLOv2's image count);
 * ``detector.model`` is the network (the checkpoint stores its ``state_dict``), and
   ``detector.model.backbone`` its backbone (freezing, backbone LR multiplier).
 

@@ -40,13 +40,14 @@ def add_parser(sub) -> None:
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLike, *, batch_size: int = 32,
                         num_workers: int = 2, max_images: int | None = None, all_images: bool = False,
                         device: str = "auto", amp: str = "auto", clip_boxes: bool = False,
-                        data_backend: str = "torch", input_size: int | None = None):
+                        data_backend: str = "torch", input_size: int | None = None, val_loss: bool = False):
     """The :class:`~single_stage_detector.evaluation.EvalResult` of ``checkpoint`` on ``data_dir``'s val split.
 
     ``amp`` is the evaluation precision (``auto``: fp32, as ``train --eval-amp``);
     ``clip_boxes`` clips the detections to the image after NMS (default: the reference's
     unclipped boxes); ``input_size``: evaluate at this input side instead of the checkpoint's
-    (ConfigError naming ``--input-sizes`` for a family with a fixed input size).
+    (ConfigError naming ``--input-sizes`` for a family with a fixed input size); ``val_loss``:
+    also the training loss on the val images (``val_loss``, ``val_loss_terms`` of the result).
     """
     import torch
 
@@ -80,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
     label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
     try:
         result = evaluate(detector, val.loader, CocoEvaluator(val.annotation_file), label_to_category,
-                          amp=AmpSettings.resolve_eval(amp, dev), info=DistInfo(device=dev))
+                          amp=AmpSettings.resolve_eval(amp, dev), info=DistInfo(device=dev), val_loss=val_loss)
         result.policy = getattr(detector, "eval_policy", None)
         return result
     finally:
@@ -167,16 +168,21 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = evaluate_checkpoint(ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
                                      max_images=args.max_images, all_images=args.all_images, device=args.device,
-                                     amp=args.amp, clip_boxes=args.clip_boxes, data_backend=args.data_backend)
+                                     amp=args.amp, clip_boxes=args.clip_boxes, data_backend=args.data_backend,
+                                     val_loss=True)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir), "ap": result.ap,
                           "num_images": result.num_images, "num_detections": result.num_detections,
-                          "seconds": result.seconds, "stats": result.stats, "policy": result.policy}))
+                          "seconds": result.seconds, "stats": result.stats, "policy": result.policy,
+                          "val_loss": result.val_loss, "val_loss_terms": result.val_loss_terms}))
         return 0
     print(f"{args.checkpoint} on {data_dir}: {result.num_images} images, {result.num_detections} detections, "
           f"{result.seconds:.1f} s")
     for name, value in result.stats.items():
         print(f"  {name:<10} {value:.4f}")
+    if result.val_loss is not None:
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in result.val_loss_terms.items())
+        print(f"  val loss   {result.val_loss:.4f} ({terms})")
     if result.policy:
         print("policy: " + ", ".join(f"{k} {v}" for k, v in result.policy.items()
                                      if isinstance(v, (int, float, bool)) or v is None))

@@ -6,9 +6,12 @@ Files written (fixed pixel sizes, figure inches x 100 dpi):
 * ``metrics_vs_time.png`` (1200 x 800): 2 x 2 panels against seconds since ``run_start``;
 * ``metrics_vs_epoch.png`` (1200 x 800): the same against (fractional) epoch;
 * ``loss_map.png`` (1000 x 400): training loss and eval mAP with the target, side by side;
+* ``loss_map_vs_step.png`` (1000 x 400): batch loss, val loss and eval mAP against optimiser steps;
 * ``overlay.png`` (1200 x 450), with several logs: eval mAP of every run against time and epoch.
 
-With several logs the per-run charts go to ``OUTPUT/<run name>/``.
+With several logs the per-run charts go to ``OUTPUT/<run name>/``. The loss panels draw the loss
+of each logged batch as a line and, where the run computed it (``--val-loss``), the loss on the
+val images at each evaluation as points.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from ..compliance import read_log, require_logs, run_folder
 
 DPI = 100
 SIZES = {"metrics_vs_time.png": (12, 8), "metrics_vs_epoch.png": (12, 8), "loss_map.png": (10, 4),
-         "overlay.png": (12, 4.5)}
+         "loss_map_vs_step.png": (10, 4), "overlay.png": (12, 4.5)}
 DEFAULT_TARGET = 0.23
 
 
@@ -37,6 +40,7 @@ class RunCurves:
     epochs: list[tuple[int, float, float]] = field(default_factory=list)  # (epoch, start s, stop s)
     train: list[dict] = field(default_factory=list)  # metrics.jsonl "train" records with "t" (s)
     epoch_rate: list[tuple[float, float, float]] = field(default_factory=list)  # (s, epoch, images/s)
+    eval_records: list[dict] = field(default_factory=list)  # metrics.jsonl "eval" records with "t" (s)
     metrics_file: Path | None = None
 
     def epoch_at(self, t: float) -> float:
@@ -88,6 +92,8 @@ def load_run(log: Path, metrics: Path | None = None, target: float | None = None
             t = float(rec["time"]) - start / 1000.0
             if rec.get("kind") == "train":
                 run.train.append({**rec, "t": t})
+            elif rec.get("kind") == "eval":
+                run.eval_records.append({**rec, "t": t})
             elif rec.get("kind") == "epoch" and "images_per_s" in rec:
                 run.epoch_rate.append((t, float(rec.get("epoch", math.nan)), float(rec["images_per_s"])))
     if not run.epoch_rate and train_samples:
@@ -117,7 +123,10 @@ def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def _panel(ax, run: RunCurves, quantity: str, by_epoch: bool) -> None:
+def _panel(ax, run: RunCurves, quantity: str, by_epoch: bool, by_step: bool = False) -> None:
+    if by_step:
+        _step_panel(ax, run, quantity)
+        return
     xlabel = "epoch" if by_epoch else "seconds since run_start"
     x_of = (lambda t, e: e) if by_epoch else (lambda t, e: t)  # noqa: E731
     if quantity == "mAP":
@@ -145,14 +154,47 @@ def _panel(ax, run: RunCurves, quantity: str, by_epoch: bool) -> None:
     else:
         key = "loss" if quantity == "loss" else "lr"
         pts = [(x_of(r["t"], run.epoch_at(r["t"])), r[key]) for r in run.train if key in r]
-        if pts:
-            ax.plot(*zip(*pts), "-", color="tab:purple" if key == "loss" else "tab:orange")
-            if key == "loss" and all(v > 0 for _, v in pts):
-                ax.set_yscale("log")
-        else:
-            _no_data(ax, "metrics.jsonl")
-        ax.set_ylabel("training loss" if key == "loss" else "learning rate")
+        val = [(x_of(r["t"], float(r["epoch"])), r["val_loss"]) for r in run.eval_records
+               if key == "loss" and "val_loss" in r and "epoch" in r]
+        _loss_lines(ax, pts, val, "metrics.jsonl", color="tab:purple" if key == "loss" else "tab:orange",
+                    label="batch loss" if key == "loss" else None)
+        ax.set_ylabel("loss" if key == "loss" else "learning rate")
     ax.set_xlabel(xlabel)
+    ax.grid(True, alpha=0.3)
+
+
+def _loss_lines(ax, train: list, val: list, missing: str, color: str, label: str | None) -> None:
+    """A line of logged values and, if any, the val loss as points; a log scale when all are positive."""
+    if train:
+        ax.plot(*zip(*train), "-", color=color, label=label)
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:cyan", label="val loss")
+    if not train and not val:
+        _no_data(ax, missing)
+        return
+    if all(v > 0 for _, v in train + val):
+        ax.set_yscale("log")
+    if label is not None or val:
+        ax.legend(loc="upper right", fontsize=8)
+
+
+def _step_panel(ax, run: RunCurves, quantity: str) -> None:
+    """``quantity`` ("loss" or "mAP") against optimiser steps (metrics.jsonl ``step``)."""
+    evals = [r for r in run.eval_records if "step" in r]
+    if quantity == "loss":
+        train = [(r["step"], r["loss"]) for r in run.train if "step" in r and "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in evals if "val_loss" in r]
+        _loss_lines(ax, train, val, "metrics.jsonl", color="tab:purple", label="batch loss")
+        ax.set_ylabel("loss")
+    else:
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["ap"] for r in evals], "o-", color="tab:blue", label="eval mAP")
+        else:
+            _no_data(ax, "evaluations with a step in metrics.jsonl")
+        ax.axhline(run.target, color="tab:red", linestyle="--", label=f"target {run.target:g}")
+        ax.set_ylabel("COCO AP@[.5:.95]")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("optimiser step")
     ax.grid(True, alpha=0.3)
 
 
@@ -172,6 +214,13 @@ def plot_run(run: RunCurves, out_dir: Path) -> list[Path]:
     fig.suptitle(f"{run.name}: training loss and eval mAP")
     fig.tight_layout()
     written.append(_save(fig, out_dir / "loss_map.png"))
+    fig, axes = _figure("loss_map_vs_step.png", 1, 2)
+    _panel(axes[0, 0], run, "loss", False, by_step=True)
+    _panel(axes[0, 1], run, "mAP", False, by_step=True)
+    axes[0, 1].set_xlim(axes[0, 0].get_xlim())  # the same steps under both panels
+    fig.suptitle(f"{run.name}: batch loss, val loss and eval mAP")
+    fig.tight_layout()
+    written.append(_save(fig, out_dir / "loss_map_vs_step.png"))
     return written
 
 
@@ -201,7 +250,8 @@ def add_parser(sub) -> None:
         "plot", help="PNG charts of loss, LR, images/s and eval mAP; overlay of runs",
         description="Charts from MLPerf logs and the metrics.jsonl of each run (next to train's mlperf.log; "
                     "in LOGDIR/RUN/ for the launchers' LOGDIR/RUN.log; or --metrics). One log: "
-                    "metrics_vs_time.png, metrics_vs_epoch.png, loss_map.png. Several: the same per run "
+                    "metrics_vs_time.png, metrics_vs_epoch.png, loss_map.png, loss_map_vs_step.png (batch loss, "
+                    "val loss and mAP against steps). Several: the same per run "
                     "in OUTPUT/<run>/ plus overlay.png.")
     p.add_argument("logs", nargs="+", help="MLPerf log files, run output folders, or folders of logs")
     p.add_argument("--metrics", default=None, help="metrics.jsonl of a single log (default: the run's own)")

@@ -87,17 +87,21 @@ class YOLOv3Detector(nn.Module):
         }
 
     def forward(self, images: Tensor, targets: Mapping[str, Sequence[Tensor]] | None = None):
-        """Training: the loss dict (see ``YOLOv3Loss``); evaluation: per-image detections.
+        """Training: the loss dict (see ``YOLOv3Loss``); evaluation: per-image detections, and with
+        ``targets`` the pair ``(detections, loss dict)`` (the val loss of the same outputs).
 
         Raises:
-            ValueError: in training mode without ``targets`` (``boxes`` and ``labels``).
+            ValueError: ``targets`` missing (training) or without ``boxes`` and ``labels``.
         """
         input_size = (int(images.shape[-2]), int(images.shape[-1]))
         raw_outputs = self.model(images)
-        if self.training:
+        if self.training or targets is not None:
             if targets is None or "boxes" not in targets or "labels" not in targets:
-                raise ValueError("YOLOv3Detector in training mode needs targets {'boxes': [...], 'labels': [...]}")
-            return self.loss(raw_outputs, targets["boxes"], targets["labels"], input_size)
-        return postprocess_yolo(raw_outputs, self.loss.anchors_px, self.loss.masks, input_size,
-                                score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
-                                max_detections=self.max_detections, pre_nms_top_k=self.pre_nms_top_k)
+                raise ValueError("YOLOv3Detector needs targets {'boxes': [...], 'labels': [...]} for its loss")
+            losses = self.loss(raw_outputs, targets["boxes"], targets["labels"], input_size)
+            if self.training:
+                return losses
+        detections = postprocess_yolo(raw_outputs, self.loss.anchors_px, self.loss.masks, input_size,
+                                      score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
+                                      max_detections=self.max_detections, pre_nms_top_k=self.pre_nms_top_k)
+        return detections if targets is None else (detections, losses)

@@ -66,16 +66,20 @@ class YOLOv1Detector(nn.Module):
         }
 
     def forward(self, images: Tensor, targets: Mapping[str, Sequence[Tensor]] | None = None):
-        """Training: the loss dict (see ``YOLOv1Loss``); evaluation: per-image detections.
+        """Training: the loss dict (see ``YOLOv1Loss``); evaluation: per-image detections, and with
+        ``targets`` the pair ``(detections, loss dict)`` (the val loss of the same outputs).
 
         Raises:
-            ValueError: in training mode without ``targets`` (``boxes`` and ``labels``).
+            ValueError: ``targets`` missing (training) or without ``boxes`` and ``labels``.
         """
         output = self.model(images)
-        if self.training:
+        if self.training or targets is not None:
             if targets is None or "boxes" not in targets or "labels" not in targets:
-                raise ValueError("YOLOv1Detector in training mode needs targets {'boxes': [...], 'labels': [...]}")
-            return self.loss(output, targets["boxes"], targets["labels"], self.model.prior_wh)
-        return postprocess_yolov1(output, self.model.prior_wh, self.num_classes,
-                                  score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
-                                  max_detections=self.max_detections, pre_nms_top_k=self.pre_nms_top_k)
+                raise ValueError("YOLOv1Detector needs targets {'boxes': [...], 'labels': [...]} for its loss")
+            losses = self.loss(output, targets["boxes"], targets["labels"], self.model.prior_wh)
+            if self.training:
+                return losses
+        detections = postprocess_yolov1(output, self.model.prior_wh, self.num_classes,
+                                        score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
+                                        max_detections=self.max_detections, pre_nms_top_k=self.pre_nms_top_k)
+        return detections if targets is None else (detections, losses)

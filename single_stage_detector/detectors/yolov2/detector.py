@@ -88,19 +88,25 @@ class YOLOv2Detector(nn.Module):
         }
 
     def forward(self, images: Tensor, targets: Mapping[str, Sequence[Tensor]] | None = None):
-        """Training: the loss dict (see ``RegionLoss``); evaluation: per-image detections.
+        """Training: the loss dict (see ``RegionLoss``); evaluation: per-image detections, and with
+        ``targets`` the pair ``(detections, loss dict)``: the val loss of the same outputs, with the
+        prior warm-up term as training has it now (``images_seen`` is not advanced).
 
         Raises:
-            ValueError: in training mode without ``targets`` (``boxes`` and ``labels``).
+            ValueError: ``targets`` missing (training) or without ``boxes`` and ``labels``.
         """
         raw = self.model(images)
-        if self.training:
+        if self.training or targets is not None:
             if targets is None or "boxes" not in targets or "labels" not in targets:
-                raise ValueError("YOLOv2Detector in training mode needs targets {'boxes': [...], 'labels': [...]}")
+                raise ValueError("YOLOv2Detector needs targets {'boxes': [...], 'labels': [...]} for its loss")
             seen = self.model.images_seen
-            with torch.no_grad():  # darknet: net.seen += batch before the forward pass
-                seen += images.shape[0] * _world_size()
-            return self.loss(raw, targets["boxes"], targets["labels"], images_seen=seen)
-        return postprocess_region(raw, self.loss.anchors, score_threshold=self.score_threshold,
-                                  nms_threshold=self.nms_threshold, max_detections=self.max_detections,
-                                  pre_nms_top_k=self.pre_nms_top_k, multi_label=self.multi_label)
+            if self.training:
+                with torch.no_grad():  # darknet: net.seen += batch before the forward pass
+                    seen += images.shape[0] * _world_size()
+            losses = self.loss(raw, targets["boxes"], targets["labels"], images_seen=seen)
+            if self.training:
+                return losses
+        detections = postprocess_region(raw, self.loss.anchors, score_threshold=self.score_threshold,
+                                        nms_threshold=self.nms_threshold, max_detections=self.max_detections,
+                                        pre_nms_top_k=self.pre_nms_top_k, multi_label=self.multi_label)
+        return detections if targets is None else (detections, losses)
