@@ -4,6 +4,19 @@ import pytest
 from single_stage_detector.data.synthetic import ensure_synthetic_coco
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    its models are tiny, and on 2 shared cores the thread pool's hand-offs cost more than they save
+    (and a DALI thread competes for the same cores). Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_coco(tmp_path_factory):
     """64 training and 16 validation images in the COCO 2017 layout."""

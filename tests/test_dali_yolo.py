@@ -27,7 +27,8 @@ from single_stage_detector.data.yolo_transforms import (
 )
 from single_stage_detector.detectors.yolo.family import YOLO_MEAN, YOLO_STD
 
-pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+pytestmark = [pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed"),
+              pytest.mark.usefixtures("one_torch_thread")]  # the DALI thread and the model share 2 cores
 
 SIZE = 96
 _BRANCHES = [pytest.param(None, id="cpu"),
@@ -44,15 +45,6 @@ def _same_resize(a: torch.Tensor, b: torch.Tensor) -> None:
     differently. Mean over the image: measured at most 0.2 levels."""
     diff = (a - b).abs() * 255
     assert float(diff[:, 1:-1, 1:-1].max()) <= 1.5 and float(diff.mean()) < 0.35, (diff.max(), diff.mean())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: the DALI thread and the model share 2 busy cores (several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

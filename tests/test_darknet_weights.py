@@ -28,14 +28,7 @@ YOLOV3_WEIGHTS_BYTES = 248_007_048
 DARKNET53_CONV74_BYTES = 162_482_580
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: its models are tiny (or only copied), and on a shared
-    CPU the thread pool's hand-offs cost more than they save. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomise(model: nn.Module, seed: int) -> nn.Module:

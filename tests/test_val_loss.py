@@ -30,12 +30,7 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 LABEL_TO_CATEGORY = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-stable sums on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-stable sums on a shared machine
 
 
 def _targets(generator: torch.Generator, batch: int) -> dict:

@@ -21,14 +21,7 @@ from single_stage_detector.detectors.yolo.network import YOLOv3Network
 TINY = dict(width=8, stage_blocks=(1, 1, 1, 1, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: its models are tiny (or only copied), and on a shared
-    CPU the thread pool's hand-offs cost more than they save. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def yolov3_cfg_sections() -> list[tuple]:
