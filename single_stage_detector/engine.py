@@ -18,13 +18,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, TextIO
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .data.batch import DetectionBatch
 from .distributed import DistInfo, average_batch_norm_stats
-from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_results
+from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_array
 from .losses import FiniteLossMonitor
 from .recipe import LRSchedule, ModelEMA, clip_gradients, set_batch_norm_eval, set_learning_rate
 
@@ -438,7 +439,7 @@ def evaluate(
     detector.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     t0 = time.perf_counter()
-    results: list[dict] = []
+    results: list[np.ndarray] = []
     seen_ids: list[int] = []
     loss_sums: dict[str, Tensor] = {}
     loss_images = 0
@@ -466,11 +467,11 @@ def evaluate(
                 loss_sums[name] = loss_sums[name] + weighted if name in loss_sums else weighted
             loss_images += n
         ids = [int(i) for i in batch.image_ids.tolist()]
-        results.extend(to_coco_results(detections, ids, batch.orig_sizes, label_to_category))
+        results.append(to_coco_array(detections, ids, batch.orig_sizes, label_to_category))
         seen_ids.extend(ids)
     inference_s = time.perf_counter() - t0
     losses = _gather_val_loss({k: float(v) for k, v in loss_sums.items()}, loss_images) if val_loss else None
-    gathered = gather_results(results, seen_ids)
+    gathered = gather_results(np.concatenate(results) if results else np.zeros((0, 7)), seen_ids)
     if gathered is None:
         return ShardedEvalResult(ap=math.nan, seconds=inference_s)
     all_results, all_ids, images_per_rank = gathered

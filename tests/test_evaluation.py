@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from single_stage_detector.evaluation import COCO_STAT_NAMES, CocoEvaluator, _dedupe, to_coco_results
+from single_stage_detector.evaluation import COCO_STAT_NAMES, CocoEvaluator, _dedupe, to_coco_array, to_coco_results
 
 LUT = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13])  # label -> COCO id (12 -> 13: the id gap)
 
@@ -88,6 +88,41 @@ def test_restricting_to_evaluated_images(tmp_path):
     results = to_coco_results(dets[:1], ids[:1], sizes[:1], LUT)  # only image 1 was run
     assert CocoEvaluator(tmp_path / "gt.json").evaluate(results, image_ids=[1]).ap == pytest.approx(1.0)
     assert CocoEvaluator(tmp_path / "gt.json").evaluate(results).ap < 1.0
+
+
+def test_result_array_is_the_references_layout_and_evaluates_as_the_dicts(tmp_path):
+    """to_coco_array: rows (image_id, x, y, w, h, score, category_id) in pixels, w = (x2 - x1) * W
+    as the MLPerf reference's coco_eval; COCOeval gives the dict path's numbers to float32 precision."""
+    gt = _write_gt(tmp_path / "gt.json")
+    ids, dets, sizes = _as_normalised_detections(gt)
+    g = torch.Generator().manual_seed(0)
+    for d in dets:  # imperfect detections with distinct scores, so that the ranking matters
+        d["boxes"] = (d["boxes"] + 0.02 * torch.randn(d["boxes"].shape, generator=g)).clamp(0, 1)
+        d["scores"] = torch.rand(len(d["scores"]), generator=g)
+    dets.append({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)})
+    array = to_coco_array(dets, [*ids, 2], torch.cat([sizes, sizes[:1]]), LUT)
+    dicts = to_coco_results(dets, ids, sizes, LUT)
+    assert array.shape == (len(dicts), 7) and array.dtype == np.float64
+    # Hand-computed first row: image 1 (200 x 100), box (x1, y1, x2, y2) -> (x1 W, y1 H, (x2 - x1) W, (y2 - y1) H).
+    b = dets[0]["boxes"][0]
+    expect = [1, float(b[0] * 200), float(b[1] * 100), float((b[2] - b[0]) * 200), float((b[3] - b[1]) * 100),
+              float(dets[0]["scores"][0]), int(LUT[dets[0]["labels"][0]])]
+    np.testing.assert_allclose(array[0], expect, rtol=1e-6)
+    np.testing.assert_allclose(array[:, 1:5], [r["bbox"] for r in dicts], atol=2e-3)
+    assert array[:, 6].tolist() == [r["category_id"] for r in dicts]
+    evaluator = CocoEvaluator(tmp_path / "gt.json")
+    by_array, by_dicts = evaluator.evaluate(array), evaluator.evaluate(dicts)
+    assert 0.0 < by_array.ap < 1.0 and by_array.num_detections == len(dicts)
+    for k in COCO_STAT_NAMES:
+        assert by_array.stats[k] == pytest.approx(by_dicts.stats[k], abs=1e-3), k
+    assert evaluator.evaluate(np.zeros((0, 7))).ap == 0.0
+
+
+def test_dedupe_keeps_each_image_once_in_arrays():
+    row = lambda i: [i, 0, 0, 1, 1, 0.5, 1]  # noqa: E731
+    parts = [(np.array([row(1), row(3), row(3)], dtype=float), [1, 3]), (np.array([row(2), row(1)], dtype=float), [2, 1])]
+    results, ids = _dedupe(parts)
+    assert ids == [1, 3, 2] and sorted(results[:, 0].tolist()) == [1, 2, 3, 3]
 
 
 def test_dedupe_keeps_each_image_once():
