@@ -166,6 +166,10 @@ class TrainConfig:
     eval_start: Optional[int] = _f(None, "first epoch to evaluate after (default: --eval-every)")
     eval_epochs: Optional[tuple[int, ...]] = _f(
         None, "explicit evaluation epochs (overrides --eval-every), e.g. the v0.7 list 40 50 55 60 65 70 75 80")
+    async_eval: str = _f("auto", "score each evaluation (COCOeval) in a background process while the next epoch "
+                                 "trains; the stop decision is taken at the next epoch boundary, eval_accuracy "
+                                 "keeps the evaluated epoch: on | off | auto (on with CUDA, off on the CPU, "
+                                 "where the scorer would take cores from training)")
     val_loss: str = _f("auto", "also compute the training loss on the val images at each evaluation, from the "
                                "same forward pass (metrics.jsonl val_loss, plotted): on | off | auto (on, except "
                                "for the MLPerf benchmark preset, where it would add to the timed evaluations)")
@@ -225,6 +229,10 @@ class TrainConfig:
         start = self.eval_start if self.eval_start is not None else self.eval_every
         return list(range(start, self.epochs + 1, self.eval_every))
 
+    def resolved_async_eval(self, device_type: str) -> bool:
+        """Whether evaluations are scored in the background (``--async-eval``; auto: with CUDA)."""
+        return self.async_eval == "on" or (self.async_eval == "auto" and device_type == "cuda")
+
     def resolved_val_loss(self, benchmark_preset: bool) -> bool:
         """Whether evaluations also compute the val loss (``--val-loss``; auto: not for the benchmark)."""
         return self.val_loss == "on" or (self.val_loss == "auto" and not benchmark_preset)
@@ -254,8 +262,6 @@ class TrainConfig:
             raise bad("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if self.keep_checkpoints < 1:
             raise bad("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-        if self.resume is not None and self.init_checkpoint:
-            raise bad("resume", "continues a run with its own weights; it cannot be combined with --init-checkpoint")
         if self.resume is not None and self.eval_only:
             raise bad("resume", "has nothing to continue with --eval-only")
         if self.resume is not None and not self.save_checkpoint:
@@ -283,6 +289,8 @@ class TrainConfig:
         for name in ("amp", "eval_amp"):
             if getattr(self, name) not in ("auto", "off", "bf16", "fp16"):
                 raise bad(name, f"expected auto|off|bf16|fp16, got {getattr(self, name)!r}")
+        if self.async_eval not in ("auto", "on", "off"):
+            raise bad("async_eval", f"expected auto|on|off, got {self.async_eval!r}")
         if self.val_loss not in ("auto", "on", "off"):
             raise bad("val_loss", f"expected auto|on|off, got {self.val_loss!r}")
         if self.color_jitter not in ("fused", "torchvision"):
@@ -395,7 +403,9 @@ RESUME_MAY_DIFFER = frozenset({
     "data_dir", "synthetic", "synthetic_train_images", "synthetic_val_images", "pretrained_backbone", "output_dir",
     "log_file", "metrics_file", "tensorboard_dir", "save_checkpoint", "checkpoint_every", "keep_checkpoints",
     "resume", "check_images", "epochs", "threshold", "eval_every", "eval_start", "eval_epochs", "eval_all_images",
-    "val_loss",
+    "val_loss", "async_eval",
+    # The run's starting weights: a resumed run takes its weights from the resume checkpoint.
+    "init_checkpoint",
     "eval_batch_size", "max_eval_images", "eval_amp", "seed", "device", "num_workers", "log_every",
     "dist_timeout_s", "division", "submission_org", "submission_platform", "submission_status", "cache_cleared",
 })

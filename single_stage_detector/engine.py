@@ -30,7 +30,7 @@ from .losses import FiniteLossMonitor
 from .recipe import LRSchedule, ModelEMA, clip_gradients, set_batch_norm_eval, set_learning_rate
 
 __all__ = ["LRSchedule", "AmpSettings", "multi_scale_size", "EpochStats", "MetricsWriter", "ShardedEvalResult", "backward", "optimizer_step", "train_one_epoch",
-           "evaluate", "FAULT_INJECT_ENV"]
+           "evaluate", "infer", "scored", "Inference", "FAULT_INJECT_ENV"]
 
 # Test hook: SSD_FAULT_INJECT_RANK=r makes rank r raise at optimiser step SSD_FAULT_INJECT_STEP
 # (default 1), to check that one failing rank ends the whole launch. Never set in real runs.
@@ -405,34 +405,50 @@ def train_one_epoch(
     return stats
 
 
+@dataclass
+class Inference:
+    """One evaluation's detections over every rank, on rank 0 (what :func:`score` needs).
+
+    Attributes:
+        results (np.ndarray float64[K, 7]): COCO results (:func:`~.evaluation.to_coco_array` rows) of
+            every evaluated image, each image once.
+        image_ids: the evaluated images' COCO ids.
+        images_per_rank: how many images each rank inferred.
+        seconds: the inference's wall time (with the gather).
+        val_loss, val_loss_terms: the loss on the evaluated images (``val_loss=True``), else None / {}.
+    """
+
+    results: np.ndarray
+    image_ids: list[int]
+    images_per_rank: list[int]
+    seconds: float
+    val_loss: float | None = None
+    val_loss_terms: dict[str, float] = field(default_factory=dict)
+
+
 @torch.no_grad()
-def evaluate(
+def infer(
     detector: nn.Module,
     loader: Iterable[DetectionBatch],
-    evaluator: CocoEvaluator | None,
     label_to_category: Tensor,
     *,
     amp: AmpSettings,
     info: DistInfo,
     channels_last: bool = False,
     val_loss: bool = False,
-) -> EvalResult:
-    """Run inference on this rank's shard, gather on rank 0, COCO-evaluate there.
+) -> Inference | None:
+    """The inference half of :func:`evaluate`: this rank's shard, gathered on rank 0; returns the
+    :class:`Inference` on rank 0 and None on the other ranks. Collective: call on every rank.
 
     With several ranks, the BatchNorm running statistics are first averaged over all of
     them (in place), as the reference and NVIDIA's v0.7 code do before every evaluation,
-    so that every rank evaluates (and later saves) the same model. Collective: call on
-    every rank.
+    so that every rank evaluates (and later saves) the same model.
 
     ``val_loss``: also compute the training loss on the evaluated images from the same forward
-    pass (``detector(images, targets)``, the contract's evaluation mode with targets), reported
-    in ``val_loss`` / ``val_loss_terms``: each term is the mean over batches of the batch's
-    term weighted by its number of images, over every rank's images. The loss terms stay on
-    the device until the end (no host synchronisation per batch).
-
-    Returns the result on rank 0 and a placeholder (ap = nan) on other ranks; the caller
-    broadcasts the AP so that every rank takes the same stop decision.
-    ``evaluator`` may be None on ranks other than 0.
+    pass (``detector(images, targets)``, the contract's evaluation mode with targets): each term
+    is the mean over batches of the batch's term weighted by its number of images, over every
+    rank's images. The loss terms stay on the device until the end (no host synchronisation per
+    batch).
     """
     if info.distributed:
         average_batch_norm_stats(detector)
@@ -469,23 +485,55 @@ def evaluate(
         ids = [int(i) for i in batch.image_ids.tolist()]
         results.append(to_coco_array(detections, ids, batch.orig_sizes, label_to_category))
         seen_ids.extend(ids)
-    inference_s = time.perf_counter() - t0
     losses = _gather_val_loss({k: float(v) for k, v in loss_sums.items()}, loss_images) if val_loss else None
     gathered = gather_results(np.concatenate(results) if results else np.zeros((0, 7)), seen_ids)
     if gathered is None:
-        return ShardedEvalResult(ap=math.nan, seconds=inference_s)
+        return None
     all_results, all_ids, images_per_rank = gathered
     if sum(images_per_rank) != len(all_ids):
         print(f"WARNING: evaluation: the ranks inferred {sum(images_per_rank)} images for {len(all_ids)} distinct "
               "ones; duplicates were counted once", file=sys.stderr, flush=True)
-    assert evaluator is not None, "rank 0 needs the COCO evaluator"
-    result = evaluator.evaluate(all_results, all_ids)
-    result.seconds = time.perf_counter() - t0
-    out = ShardedEvalResult(**vars(result), images_per_rank=images_per_rank)
-    if losses is not None and losses:
+    out = Inference(results=all_results, image_ids=all_ids, images_per_rank=images_per_rank,
+                    seconds=time.perf_counter() - t0)
+    if losses:
         out.val_loss_terms = losses
         out.val_loss = sum(losses.values())
     return out
+
+
+def scored(inference: Inference, result: EvalResult) -> "ShardedEvalResult":
+    """``result`` (the COCO scoring of ``inference``) with the inference's counts and val loss; its
+    ``seconds`` become inference + scoring."""
+    return ShardedEvalResult(**{**vars(result), "seconds": inference.seconds + result.seconds},
+                             images_per_rank=inference.images_per_rank, val_loss=inference.val_loss,
+                             val_loss_terms=dict(inference.val_loss_terms))
+
+
+def evaluate(
+    detector: nn.Module,
+    loader: Iterable[DetectionBatch],
+    evaluator: CocoEvaluator | None,
+    label_to_category: Tensor,
+    *,
+    amp: AmpSettings,
+    info: DistInfo,
+    channels_last: bool = False,
+    val_loss: bool = False,
+) -> EvalResult:
+    """Run inference on this rank's shard, gather on rank 0, COCO-evaluate there: :func:`infer`
+    then ``evaluator.evaluate`` (see :func:`infer` for the BatchNorm averaging and ``val_loss``).
+    Collective: call on every rank.
+
+    Returns the result on rank 0 and a placeholder (ap = nan) on other ranks; the caller
+    broadcasts the AP so that every rank takes the same stop decision.
+    ``evaluator`` may be None on ranks other than 0.
+    """
+    inference = infer(detector, loader, label_to_category, amp=amp, info=info, channels_last=channels_last,
+                      val_loss=val_loss)
+    if inference is None:
+        return ShardedEvalResult(ap=math.nan)
+    assert evaluator is not None, "rank 0 needs the COCO evaluator"
+    return scored(inference, evaluator.evaluate(inference.results, inference.image_ids))
 
 
 def _targets_on(batch: DetectionBatch, device: torch.device) -> dict[str, list[Tensor]]:

@@ -7,6 +7,7 @@ includes reading the dataset, training and every evaluation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -15,6 +16,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import __version__
+from .async_eval import AsyncScorer
 from .checkpoint import (RESUME_DIR, RESUME_FORMAT, STORAGE_ERRNOS, OutputWriteError, load_checkpoint,
                          prune_resume_checkpoints, resume_checkpoint_name, save_checkpoint, write_json)
 from .config import ConfigError, TrainConfig
@@ -30,7 +33,8 @@ from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
 from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast_float, broadcast_seed,
                           init_distributed, seed_everything, shutdown, sum_over_ranks, sync_batch_norm)
-from .engine import AmpSettings, MetricsWriter, evaluate, multi_scale_size, train_one_epoch
+from .engine import (AmpSettings, Inference, MetricsWriter, ShardedEvalResult, infer, multi_scale_size, scored,
+                     train_one_epoch)
 from .evaluation import CocoEvaluator, UndefinedAPError
 from .fast_path import compile_for_training, enable_cudnn_autotune
 from .mlperf_log import RESUMED_KEY, C, MLPerfLogger, move_aside
@@ -296,7 +300,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     seed_everything(seed)
 
     # -- model, optimiser --------------------------------------------------------------------
-    m = _build_model(cfg, preset, info, say)
+    # Resumed: the weights come from the resume checkpoint, not from --init-checkpoint.
+    m = _build_model(dataclasses.replace(cfg, init_checkpoint=None) if resumed is not None else cfg, preset, info, say)
     model, detector, train_module, amp, channels_last = m.model, m.detector, m.train_module, m.amp, m.channels_last
     eval_amp = m.eval_amp
     global_batch = cfg.global_batch_size(info.world_size)
@@ -342,6 +347,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, eval_amp, channels_last, model,
                                 log_file)
     derived["family"] = family.name
+    derived["async_eval"] = cfg.resolved_async_eval(info.device.type) and not cfg.eval_only
+    derived["val_loss"] = cfg.resolved_val_loss(preset.is_benchmark)
     derived["eval_policy"] = getattr(detector, "eval_policy", None)
     if resumed is not None:
         derived["resumed_from"] = str(resumed[0])
@@ -367,6 +374,9 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     step = position["step"]
     step_in_epoch = position["step_in_epoch"]
     stopped_by: str | None = None
+    scorer: AsyncScorer | None = None  # --async-eval: rank 0's background COCO scoring
+    pending: _Evaluation | None = None  # an evaluation whose scoring runs while the next epoch trains
+    reached: _Evaluation | None = None  # a target-reaching evaluation scored in the background (its weights)
 
     def agreed_stop(steps_in_epoch: int | None = None) -> bool:
         """Whether every rank should stop here. One process: the signal flag (a Python bool).
@@ -396,6 +406,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                                "lr": schedule(step), "data": {"backend": data_backend, "epoch": epoch_done + 1,
                                                               "batch": in_epoch * cfg.gradient_accumulation_steps},
                                "ranks": ranks, "skipped": skipped,
+                               # an evaluation still being scored: the resumed run evaluates these weights again
+                               "pending_eval": pending.epoch if pending is not None else None,
                                # plain floats (no numpy scalars), as weights-only loading wants
                                "evaluations": json.loads(json.dumps(evaluations, default=float))},
                 }, path)
@@ -452,25 +464,54 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         schedule = make_schedule(cfg, lr, steps_per_epoch)  # a pure function of the step
         eval_epochs = set(cfg.evaluation_epochs())
         val_loss = cfg.resolved_val_loss(preset.is_benchmark)
+        async_eval = cfg.resolved_async_eval(info.device.type) and not cfg.eval_only
         say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
             f"val: {data.eval_samples} images; "
-            f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}")
+            f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}"
+            f"{' (scored in the background while the next epoch trains)' if async_eval else ''}")
+        if async_eval and info.is_main:
+            scorer = AsyncScorer(data.val_annotation_file)  # starts now, scores from the first evaluation on
+        if resumed is not None and resumed[1]["resume"].get("pending_eval") == epochs_done and epochs_done > 0:
+            # Saved while its scoring ran in the background: the restored weights are the ones it
+            # evaluated, so evaluate them again (before the RNG state is restored: the uninterrupted run
+            # had drawn the evaluation loader's seed before saving).
+            with _ema_applied(ema):
+                pending = _start_evaluation(epochs_done, detector, data, label_to_category, eval_amp, info,
+                                            channels_last, mlog, step=step, val_loss=val_loss, scorer=scorer,
+                                            keep_weights=cfg.save_checkpoint)
         if resumed is not None:
             # Last: everything above may draw random numbers; the uninterrupted run was here.
             restore_rank_state(resumed[1]["resume"]["ranks"][info.rank], model, info.device)
             resumed = (resumed[0], {"resume": resumed[1]["resume"]})  # drop the tensors we no longer need
 
+        def finish_pending() -> bool:
+            """Log the evaluation scored in the background, if any; whether it reached the target."""
+            nonlocal pending, last_ap, status, reached
+            if pending is None:
+                return False
+            evaluation, pending = pending, None
+            ap, record_ = _finish_evaluation(evaluation, data, evaluator, info, mlog, metrics, run_start, say, cfg)
+            last_ap = ap
+            evaluations.append(record_)
+            if ap >= cfg.threshold:
+                status = "success"
+                reached = evaluation if evaluation.weights is not None else None
+                return True
+            return False
+
         if cfg.eval_only:
             # No training: one evaluation of the initial (--init-checkpoint) weights, epoch_num 0.
             with _ema_applied(ema):
-                last_ap, record_ = _evaluate_and_log(0, detector, data, evaluator, label_to_category, eval_amp,
-                                                     info, channels_last, mlog, metrics, run_start, say, cfg,
-                                                     step=step, val_loss=val_loss)
+                evaluation = _start_evaluation(0, detector, data, label_to_category, eval_amp, info, channels_last,
+                                               mlog, step=step, val_loss=val_loss, scorer=None)
+            last_ap, record_ = _finish_evaluation(evaluation, data, evaluator, info, mlog, metrics, run_start, say,
+                                                  cfg)
             evaluations.append(record_)
             status = "success" if last_ap >= cfg.threshold else "aborted"
         for epoch in range(epochs_done + 1, 0 if cfg.eval_only else cfg.epochs + 1):
             if agreed_stop():
                 stopped_by = stop.name or "signal"
+                finish_pending()  # logged before the checkpoint, which then holds no pending evaluation
                 save_resume(epochs_done, step_in_epoch, data.backend)
                 break
             mlog.start(C.EPOCH_START, metadata={C.EPOCH_NUM: epoch})
@@ -490,6 +531,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             if stats.stopped:
                 # Mid-epoch: no epoch_stop (the epoch is not over); the resumed run starts it again.
                 stopped_by = stop.name or "signal"
+                finish_pending()
                 save_resume(epoch - 1, step_in_epoch + stats.steps, data.backend)
                 break
             step_in_epoch = 0
@@ -500,20 +542,23 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                 f"{stats.seconds:.1f} s")
             metrics.write(kind="epoch", epoch=epoch, seconds=stats.seconds, images=trained,
                           images_per_s=trained / max(stats.seconds, 1e-9))
+            if finish_pending():  # the previous evaluation, scored while this epoch trained
+                break
             if epoch in eval_epochs:
                 with _ema_applied(ema):  # the EMA weights evaluated, the trained ones restored after
-                    ap, record_ = _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, eval_amp,
-                                                    info, channels_last, mlog, metrics, run_start, say, cfg,
-                                                    step=step, val_loss=val_loss)
-                last_ap = ap
-                evaluations.append(record_)
-                if ap >= cfg.threshold:
-                    status = "success"
+                    pending = _start_evaluation(epoch, detector, data, label_to_category, eval_amp, info,
+                                                channels_last, mlog, step=step, val_loss=val_loss, scorer=scorer,
+                                                keep_weights=cfg.save_checkpoint)
+                if scorer is None and finish_pending():  # scored here and now
                     break
             if cfg.save_checkpoint and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
                     and epoch < cfg.epochs:  # the last epoch's checkpoint is written after run_stop
                 save_resume(epoch, 0, data.backend)
+        else:
+            finish_pending()  # the last epoch's evaluation, when it was scored in the background
     except BaseException as e:
+        if scorer is not None:
+            scorer.close(wait=False)
         try:
             mlog.end(C.RUN_STOP, metadata={C.STATUS: C.ABORTED, C.EPOCH_NUM: epochs_done})
         except OSError as log_error:  # the log's own disk refuses: say so, keep the first error
@@ -527,6 +572,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         raise
     mlog.end(C.RUN_STOP, metadata={C.STATUS: status, C.EPOCH_NUM: epochs_done})
     time_to_train = time.time() - run_start
+    if scorer is not None:
+        scorer.close()
     mlog.close()
     metrics.close()
     backend = data.backend
@@ -540,11 +587,14 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         average_batch_norm_stats(detector)  # the saved model is the one all ranks evaluate (collective)
     if cfg.save_checkpoint and info.is_main and stopped_by is None:
         save_checkpoint({
-            # The weights evaluated: the EMA's when there is one.
-            "model": ema.model_state_dict() if ema is not None else detector.model.state_dict(),
+            # The weights evaluated: the EMA's when there is one; with --async-eval, those of the
+            # evaluation that reached the target (the model trained one more epoch meanwhile).
+            "model": reached.weights if reached is not None else (
+                ema.model_state_dict() if ema is not None else detector.model.state_dict()),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epochs_done, "step": step, "preset": preset.name,
+            "epoch": reached.epoch if reached is not None else epochs_done,
+            "step": reached.step if reached is not None else step, "preset": preset.name,
             "config": _config_to_save(cfg), "ap": last_ap,
         }, os.path.join(cfg.output_dir, "checkpoint.pt"))
 
@@ -586,22 +636,59 @@ def _check_val_has_ground_truth(data, evaluator: CocoEvaluator | None, info: Dis
         raise ConfigError(message)
 
 
-def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, info, channels_last, mlog, metrics,
-                      run_start, say, cfg, *, step: int, val_loss: bool) -> tuple[float, dict]:
-    """One distributed evaluation (every rank infers its shard, rank 0 scores) logged by rank 0;
-    returns rank 0's AP on every rank, so that all ranks take the same stop decision.
-    ``step``: optimiser steps taken so far (the curves' x axis); ``val_loss``: also the loss on
-    the val images (metrics.jsonl ``val_loss`` and ``val_loss_<term>``, not the MLPerf log).
+@dataclass
+class _Evaluation:
+    """An evaluation whose inference is done: rank 0 holds the gathered detections and, when they
+    are scored in the background (``--async-eval``), the scoring's future."""
+
+    epoch: int
+    step: int
+    inference: Inference | None
+    future: Future | None = None
+    weights: dict | None = None  # rank 0, scored in the background: the evaluated weights (CPU copy)
+
+
+def _start_evaluation(epoch, detector, data, label_to_category, amp, info, channels_last, mlog, *, step: int,
+                      val_loss: bool, scorer: AsyncScorer | None, keep_weights: bool = False) -> _Evaluation:
+    """The inference half of one evaluation on every rank (``eval_start`` logged); with a
+    ``scorer``, rank 0 hands the detections to it and returns at once, keeping a CPU copy of the
+    evaluated weights when ``keep_weights`` (the run's ``checkpoint.pt`` if this evaluation
+    reaches the target: by then the model has trained one more epoch)."""
+    mlog.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch})
+    inference = infer(detector, data.eval, label_to_category, amp=amp, info=info, channels_last=channels_last,
+                      val_loss=val_loss)
+    evaluation = _Evaluation(epoch=epoch, step=step, inference=inference)
+    if scorer is not None and inference is not None:
+        evaluation.future = scorer.submit(inference.results, inference.image_ids)
+        if keep_weights:
+            evaluation.weights = {k: v.detach().to("cpu", copy=True) for k, v in detector.model.state_dict().items()}
+    return evaluation
+
+
+def _finish_evaluation(evaluation: _Evaluation, data, evaluator, info, mlog, metrics, run_start, say,
+                       cfg) -> tuple[float, dict]:
+    """The scoring half: rank 0 scores (or waits for the background scoring), every rank gets its
+    AP, rank 0 logs ``eval_accuracy`` and ``eval_stop`` with the evaluated epoch's ``epoch_num``,
+    the ``metrics.jsonl`` record (``step``: optimiser steps when the evaluated weights were taken;
+    ``val_loss`` and ``val_loss_<term>`` with ``--val-loss``) and a line. Collective.
 
     An undefined AP (no ground truth among the evaluated images) stops every rank with
     :class:`UndefinedAPError`; nothing is logged as ``eval_accuracy`` then."""
-    mlog.start(C.EVAL_START, metadata={C.EPOCH_NUM: epoch})
+    epoch = evaluation.epoch
     undefined: UndefinedAPError | None = None
-    try:
-        result = evaluate(detector, data.eval, evaluator, label_to_category, amp=amp, info=info,
-                          channels_last=channels_last, val_loss=val_loss)
-    except UndefinedAPError as e:  # raised on rank 0 only: tell the others through the broadcast
-        undefined = e
+    result = ShardedEvalResult(ap=math.nan)
+    waited = 0.0
+    if evaluation.inference is not None:  # rank 0
+        try:
+            if evaluation.future is not None:
+                t0 = time.perf_counter()
+                scoring = evaluation.future.result()
+                waited = time.perf_counter() - t0
+            else:
+                scoring = evaluator.evaluate(evaluation.inference.results, evaluation.inference.image_ids)
+            result = scored(evaluation.inference, scoring)
+        except UndefinedAPError as e:  # raised on rank 0 only: tell the others through the broadcast
+            undefined = e
     ap = broadcast_float(float("nan") if undefined is not None else result.ap, info)
     if undefined is not None:
         raise undefined
@@ -610,17 +697,21 @@ def _evaluate_and_log(epoch, detector, data, evaluator, label_to_category, amp, 
                                "(see its error)")
     mlog.event(C.EVAL_ACCURACY, ap, metadata={C.EPOCH_NUM: epoch})
     mlog.end(C.EVAL_STOP, metadata={C.EPOCH_NUM: epoch})
-    record_ = {"epoch": epoch, "step": step, "ap": ap, "seconds": result.seconds,
+    record_ = {"epoch": epoch, "step": evaluation.step, "ap": ap, "seconds": result.seconds,
                "elapsed_s": time.time() - run_start,
                "num_images": result.num_images, "num_detections": result.num_detections,
                "images_per_rank": result.images_per_rank,
                **{f"coco_{k}": v for k, v in result.stats.items()}}
+    if evaluation.future is not None:
+        record_["scored_in_background"] = True
+        record_["wait_s"] = waited  # how long the trainer waited for the scoring at the epoch boundary
     if result.val_loss is not None:
         record_["val_loss"] = result.val_loss
         record_.update({f"val_loss_{k}": v for k, v in result.val_loss_terms.items()})
     metrics.write(kind="eval", **record_)
     loss_text = f", val loss {result.val_loss:.3f}" if result.val_loss is not None else ""
+    background = f", scored in the background (waited {waited:.1f} s)" if evaluation.future is not None else ""
     say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
         f"VOC mAP@0.5 {result.stats.get('VOC_mAP50', float('nan')):.4f}{loss_text}, "
-        f"{result.num_images} images, {result.seconds:.1f} s), target {cfg.threshold}")
+        f"{result.num_images} images, {result.seconds:.1f} s{background}), target {cfg.threshold}")
     return ap, record_
