@@ -551,7 +551,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                     pending = _start_evaluation(epoch, detector, data, label_to_category, eval_amp, info,
                                                 channels_last, mlog, step=step, val_loss=val_loss, scorer=scorer,
                                                 keep_weights=cfg.save_checkpoint)
-                if scorer is None and finish_pending():  # scored here and now
+                if not async_eval and finish_pending():  # scored here and now (on every rank: collective)
                     break
             if cfg.save_checkpoint and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
                     and epoch < cfg.epochs:  # the last epoch's checkpoint is written after run_stop

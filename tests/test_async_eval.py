@@ -5,7 +5,8 @@
 * the stop decision at the next epoch boundary: a target reached at epoch 1 stops the run after
   epoch 2 with status success, and ``checkpoint.pt`` holds the weights evaluated at epoch 1;
 * a resume checkpoint written while a scoring was pending evaluates those weights again and
-  continues exactly (same evaluations, bit-identical final weights).
+  continues exactly (same evaluations, bit-identical final weights);
+* with 2 processes (gloo), rank 0 scoring in the background: the evaluations of the run scored in line.
 
 The model is ``ssd_tiny`` started from a crafted checkpoint whose heads output fixed, above-threshold
 detections (non-zero AP from the first epoch) and trained at a small LR.
@@ -144,3 +145,22 @@ def test_resume_from_a_checkpoint_with_a_pending_scoring_is_exact(runs):
     b = torch.load(resumed / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_two_processes_score_in_the_background_as_in_line(runs):
+    """Rank 0 scores in the background while both ranks train on: the same evaluations as the
+    2-process run scored in line, and every rank ends together."""
+    from test_distributed import _launch
+
+    tmp, coco, common, _ = runs
+    evals = {}
+    for mode in ("off", "on"):
+        out = tmp / f"two_{mode}"
+        args = _args(coco, out, "--epochs", "2", "--threshold", "0.99", *common, "--async-eval", mode,
+                     "--batch-size", "4")  # 15 training images: a global batch of 8
+        proc = _launch(2, args[1:], tmp)
+        assert "status            aborted" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+        evals[mode] = _evals(out)
+    assert [e["epoch"] for e in evals["on"]] == [1, 2]
+    for a, b in zip(evals["off"], evals["on"]):
+        assert (b["ap"], b["val_loss"], b["images_per_rank"]) == (a["ap"], a["val_loss"], a["images_per_rank"])
