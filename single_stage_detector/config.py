@@ -230,7 +230,10 @@ class TrainConfig:
         return list(range(start, self.epochs + 1, self.eval_every))
 
     def resolved_async_eval(self, device_type: str) -> bool:
-        """Whether evaluations are scored in the background (``--async-eval``; auto: with CUDA)."""
+        """Whether evaluations are scored in the background (``--async-eval``; auto: with CUDA;
+        never with ``--eval-only``, which has no next epoch to overlap)."""
+        if self.eval_only:
+            return False
         return self.async_eval == "on" or (self.async_eval == "auto" and device_type == "cuda")
 
     def resolved_val_loss(self, benchmark_preset: bool) -> bool:

@@ -349,7 +349,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     derived = _derived_settings(cfg, info, division, seed, global_batch, lr, amp, eval_amp, channels_last, model,
                                 log_file)
     derived["family"] = family.name
-    derived["async_eval"] = cfg.resolved_async_eval(info.device.type) and not cfg.eval_only
+    derived["async_eval"] = cfg.resolved_async_eval(info.device.type)
     derived["val_loss"] = cfg.resolved_val_loss(preset.is_benchmark)
     derived["eval_policy"] = getattr(detector, "eval_policy", None)
     if resumed is not None:
@@ -466,7 +466,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         schedule = make_schedule(cfg, lr, steps_per_epoch)  # a pure function of the step
         eval_epochs = set(cfg.evaluation_epochs())
         val_loss = cfg.resolved_val_loss(preset.is_benchmark)
-        async_eval = cfg.resolved_async_eval(info.device.type) and not cfg.eval_only
+        async_eval = cfg.resolved_async_eval(info.device.type)
         say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
             f"val: {data.eval_samples} images; "
             f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}"

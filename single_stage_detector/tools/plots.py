@@ -123,10 +123,7 @@ def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def _panel(ax, run: RunCurves, quantity: str, by_epoch: bool, by_step: bool = False) -> None:
-    if by_step:
-        _step_panel(ax, run, quantity)
-        return
+def _panel(ax, run: RunCurves, quantity: str, by_epoch: bool) -> None:
     xlabel = "epoch" if by_epoch else "seconds since run_start"
     x_of = (lambda t, e: e) if by_epoch else (lambda t, e: t)  # noqa: E731
     if quantity == "mAP":
@@ -215,8 +212,8 @@ def plot_run(run: RunCurves, out_dir: Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, out_dir / "loss_map.png"))
     fig, axes = _figure("loss_map_vs_step.png", 1, 2)
-    _panel(axes[0, 0], run, "loss", False, by_step=True)
-    _panel(axes[0, 1], run, "mAP", False, by_step=True)
+    _step_panel(axes[0, 0], run, "loss")
+    _step_panel(axes[0, 1], run, "mAP")
     axes[0, 1].set_xlim(axes[0, 0].get_xlim())  # the same steps under both panels
     fig.suptitle(f"{run.name}: batch loss, val loss and eval mAP")
     fig.tight_layout()
