@@ -121,8 +121,9 @@ def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.
     """Images/s of the training input pipeline alone, per backend, targets encoded included.
 
     torch: the DataLoader with ``--num-workers`` worker processes (read, decode, crop,
-    flip, colour jitter ``--color-jitter``, normalise, collate), then the box encoding of
-    the batch's targets in the main process, on ``device``, as the training step does.
+    flip, colour jitter ``--color-jitter``, collate and, on the CPU, encode the batch's
+    targets, as training does: ``pipeline.train_collate``), then the move to ``device``,
+    where the uint8 images are normalised (and, on a GPU, the targets encoded).
     dali: the DALI pipeline with ``--num-workers`` threads, on the GPU when the device is
     CUDA, else CPU-only, its targets encoded on the pipeline's device. The rate is the
     timed batches over their total wall time (batches arrive in bursts from parallel
@@ -135,7 +136,7 @@ def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.
     from .box_coder import BoxCoder, default_boxes
     from .data.coco import CocoDetection, find_coco_split
     from .data.loader import build_train_loader
-    from .data.transforms import SSDTrainTransform
+    from .data.pipeline import train_collate
     from .detectors.base import family_of
 
     needed = args.warmup + args.iters
@@ -149,16 +150,21 @@ def _benchmark_data(args: argparse.Namespace, preset, batch: int, device: torch.
             if loader is None:
                 continue
         elif backend == "torch":
-            fused = args.color_jitter == "fused"
-            ds = CocoDetection(img_dir, ann, transform=SSDTrainTransform(preset.input_size, args.max_samples,
-                                                                         fused_color=fused))
-            loader = build_train_loader(ds, batch, num_workers=args.num_workers, seed=0)
-            coder = BoxCoder(default_boxes(preset.box_spec).to(device))
+            # The training input exactly: the family's transform (uint8 out) and collate (on the
+            # CPU, targets encoded in the workers), then the move to the device, which normalises
+            # the images; on a GPU the detector encodes there, as in training.
+            transform = family.train_transform(preset, args)
+            ds = CocoDetection(img_dir, ann, transform=transform)
+            loader = build_train_loader(ds, batch, num_workers=args.num_workers, seed=0,
+                                        collate_fn=train_collate(preset.name, transform, device))
             part = f"data pipeline (torch, {args.num_workers} workers, {args.color_jitter} jitter) + encoding"
 
+            coder = BoxCoder(default_boxes(preset.box_spec).to(device))
+
             def fetch(it) -> None:
-                b = next(it)
-                coder.encode([x.to(device) for x in b.boxes], [x.to(device) for x in b.labels])
+                b = next(it).to(device)
+                if b.encoded is None:
+                    coder.encode(b.boxes, b.labels)
         else:
             from .data.dali import DaliTrainLoader, dali_import_error
 

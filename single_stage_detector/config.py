@@ -132,8 +132,9 @@ class TrainConfig:
     max_samples: int = _f(1, "SSD random-crop tries per mode (MLPerf allows 1 or 50)")
     color_jitter: str = _f("torchvision", "colour jitter of the torch input pipeline: torchvision (torchvision's "
                                           "ColorJitter ops, pixel-exact to the MLPerf reference) | fused (the four "
-                                          "ops as one colour matrix, hue rotated in YIQ as DALI's graph does; half "
-                                          "the CPU time per image)")
+                                          "ops as one colour matrix, hue rotated in YIQ as DALI's graph does, on the "
+                                          "fast pixel path: uint8 tensors from the JPEG decode on, crop at whole "
+                                          "pixels, torch's antialiased resize; half the CPU time per image)")
     augment: bool = _f(True, "the preset family's training augmentation (SSD: random crop, flip, colour "
                              "jitter; YOLO: flip, random affine, HSV jitter); --no-augment: resize + "
                              "normalise only, for exactness tests")

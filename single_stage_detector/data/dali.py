@@ -50,6 +50,7 @@ from torch import Tensor
 from .batch import DetectionBatch
 from .coco import COCO_CATEGORY_IDS
 from .loader import mix_seed
+from .threads import single_thread_on_cpu
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, drop_degenerate
 
 __all__ = [
@@ -514,7 +515,8 @@ class DaliTrainLoader(_DaliLoaderBase):
             counts = [int(b.shape[0]) for b in boxes]
             dev_boxes = list(torch.cat(boxes).to(dev, non_blocking=True).split(counts)) if boxes else []
             dev_labels = list(torch.cat(labels).to(dev, non_blocking=True).split(counts)) if labels else []
-            encoded = self._coder.encode(dev_boxes, dev_labels)
+            with single_thread_on_cpu(dev):  # DALI's threads keep the cores busy meanwhile
+                encoded = self._coder.encode(dev_boxes, dev_labels)
         return DetectionBatch(images=images, boxes=boxes, labels=labels, image_ids=ids, orig_sizes=hw,
                               valid=torch.ones(len(ids), dtype=torch.bool), encoded=encoded)
 

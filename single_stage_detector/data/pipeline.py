@@ -20,10 +20,10 @@ import torch
 
 from .batch import DetectionBatch
 from .coco import CocoDetection, DatasetError, DataWarning, find_coco_split
-from .loader import build_eval_loader, build_train_loader
+from .loader import DetectionCollate, build_eval_loader, build_train_loader
 from .transforms import SSDEvalTransform, SSDTrainTransform
 
-__all__ = ["DataPipeline", "EvalInput", "build_data_pipeline", "build_eval_input", "load_split"]
+__all__ = ["DataPipeline", "EvalInput", "build_data_pipeline", "build_eval_input", "load_split", "train_collate"]
 
 
 @dataclass
@@ -147,16 +147,41 @@ def _pipeline_stats(train_set: CocoDetection, val_set: CocoDetection) -> dict[st
     return {**train_set.stats, **{f"val_{k}": v for k, v in val_set.stats.items()}}
 
 
+def train_collate(preset: str, transform: Any, device: torch.device | str = "cpu") -> DetectionCollate:
+    """The torch path's training collate for ``preset`` (a registered name), its samples'
+    ``transform`` and the training ``device``, run in the loader workers.
+
+    SSD presets (those with a ``box_spec``) training on the CPU encode their targets there,
+    with a CPU ``BoxCoder`` over the preset's default boxes and the detector's matching (IoU
+    0.5): the targets ``SSDDetector.encode_targets`` computes, bit for bit, as the DALI graph
+    hands them over too; the training process, whose cores the workers share, then only
+    trains. On a GPU the detector encodes on the device as before (dense matching, no host
+    synchronisation; encoded in the workers, the targets would add 210 kB per image to move). Other
+    families (YOLO) assign their targets in the loss, at the input size of the step, and get
+    raw boxes. A transform built with ``normalize=False`` sends uint8 images, normalised with
+    its ``mean`` / ``std`` by ``DetectionBatch.to`` on the training device.
+    """
+    from ..box_coder import BoxCoder, default_boxes
+    from ..detectors.base import get_preset
+
+    spec = getattr(get_preset(preset), "box_spec", None)
+    encoder = None if spec is None or torch.device(device).type != "cpu" else BoxCoder(default_boxes(spec))
+    normalization = None if getattr(transform, "normalize", True) else (tuple(transform.mean), tuple(transform.std))
+    return DetectionCollate(target_encoder=encoder, normalization=normalization)
+
+
 def _build_torch(cfg, *, input_size: int, seed: int, rank: int, world_size: int, device: torch.device,
                  transforms: tuple[Any, Any] | None = None) -> DataPipeline:
     if transforms is None:
-        transforms = (SSDTrainTransform(input_size, cfg.max_samples, fused_color=cfg.color_jitter == "fused"),
+        transforms = (SSDTrainTransform(input_size, cfg.max_samples, fused_color=cfg.color_jitter == "fused",
+                                        normalize=False),
                       SSDEvalTransform(input_size))
     train_tf = transforms[0] if cfg.augment else transforms[1]
     train_set = load_split(cfg, "train2017", rank=rank, world_size=world_size, transform=train_tf,
                            limit=cfg.max_train_images)
     train_loader = build_train_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, seed=seed,
-                                      rank=rank, world_size=world_size, pin_memory=device.type == "cuda")
+                                      rank=rank, world_size=world_size, pin_memory=device.type == "cuda",
+                                      collate_fn=train_collate(cfg.preset, train_tf, device))
     val = build_eval_input(dataclasses.replace(cfg, data_backend="torch"), input_size=input_size, rank=rank,
                            world_size=world_size, device=device, persistent_workers=True,
                            eval_transform=transforms[1])

@@ -20,7 +20,9 @@ def _build(preset: ModelPreset, *, pretrained_backbone=None) -> nn.Module:
 
 
 def _train_transform(preset: ModelPreset, cfg) -> SSDTrainTransform:
-    return SSDTrainTransform(preset.input_size, cfg.max_samples, fused_color=cfg.color_jitter == "fused")
+    # uint8 out: the loader normalises the batch on the training device (data/pipeline.train_collate).
+    return SSDTrainTransform(preset.input_size, cfg.max_samples, fused_color=cfg.color_jitter == "fused",
+                             normalize=False)
 
 
 def _eval_transform(preset: ModelPreset) -> SSDEvalTransform:
