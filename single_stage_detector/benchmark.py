@@ -468,8 +468,10 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
             raise SystemExit(f"benchmark: --cuda-graphs needs pre-encoded targets (SSD presets), not {preset.name}")
         if cuda_graphs:
             # Autocast's weight-cast cache must be off while capturing (the graph owns the casts).
+            # Eager warm-up steps, then the capture, all within the benchmark's --warmup calls.
             step = CudaGraphTrainStep(module, opt, lambda: torch.autocast("cuda", amp.dtype, enabled=amp.enabled,
-                                                                          cache_enabled=False), scaler)
+                                                                          cache_enabled=False), scaler,
+                                      warmup=max(args.warmup - 1, 1))
         else:
             step = TrainStep(module, opt, amp.autocast, scaler)
 

@@ -185,6 +185,9 @@ class TrainConfig:
     eval_amp: str = _f("auto", "evaluation precision: auto (= off: fp32, see docs/ACCURACY.md) | off | bf16 | fp16")
     channels_last: Optional[bool] = _f(None, "NHWC memory format (default: on for CUDA)")
     compile: bool = _f(False, "torch.compile the model")
+    cuda_graphs: bool = _f(False, "capture the SSD training step (forward, loss, backward, SGD) as one CUDA graph "
+                                  "and replay it; targets encoded on the GPU outside the graph, with static shapes. "
+                                  "One CUDA process, bf16 or fp32, fused SGD; other batch shapes run eagerly")
     num_workers: int = _f(default_num_workers(), "data-loader worker processes per training process "
                           "(default: %(default)s, the CPU cores available up to 4)")
     data_backend: str = _f("auto", "input pipeline: torch (DataLoader) | dali (NVIDIA DALI; CPU-only without a GPU) "
@@ -318,6 +321,19 @@ class TrainConfig:
             lo_hi = list(self.multi_scale)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or any(v < 32 or v % 32 for v in lo_hi):
                 raise bad("multi_scale", f"expected MIN MAX, multiples of 32 with MIN <= MAX, got {lo_hi}")
+        if self.cuda_graphs:
+            # What a captured step cannot hold (device- and preset-dependent checks: train._graph_step).
+            for flag, value, why in (("compile", self.compile, "torch.compile takes the step instead (a flag of "
+                                      "its own, mode reduce-overhead)"),
+                                     ("amp", self.amp == "fp16", "fp16's loss scaler skips steps on the host; "
+                                      "use --amp bf16"),
+                                     ("gradient_accumulation_steps", self.gradient_accumulation_steps > 1,
+                                      "the graph is one whole optimiser step"),
+                                     ("freeze_backbone_epochs", self.freeze_backbone_epochs > 0,
+                                      "BatchNorm changes mode when the backbone thaws"),
+                                     ("multi_scale", bool(self.multi_scale), "every new input side would re-capture")):
+                if value:
+                    raise bad("cuda_graphs", f"cannot be combined with --{flag.replace('_', '-')}: {why}")
         if self.data_dir is None:
             raise bad("data_dir", "is required (a COCO 2017 folder, or an empty folder with --synthetic)")
         if not self.eval_only and not self.evaluation_epochs():
@@ -407,7 +423,7 @@ RESUME_MAY_DIFFER = frozenset({
     "data_dir", "synthetic", "synthetic_train_images", "synthetic_val_images", "pretrained_backbone", "output_dir",
     "log_file", "metrics_file", "tensorboard_dir", "save_checkpoint", "checkpoint_every", "keep_checkpoints",
     "resume", "check_images", "epochs", "threshold", "eval_every", "eval_start", "eval_epochs", "eval_all_images",
-    "val_loss", "async_eval",
+    "val_loss", "async_eval", "cuda_graphs",
     # The run's starting weights: a resumed run takes its weights from the resume checkpoint.
     "init_checkpoint",
     "eval_batch_size", "max_eval_images", "eval_amp", "seed", "device", "num_workers", "log_every",

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, TextIO
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .distributed import DistInfo, average_batch_norm_stats
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_array
 from .losses import FiniteLossMonitor
 from .recipe import LRSchedule, ModelEMA, clip_gradients, set_batch_norm_eval, set_learning_rate
+
+if TYPE_CHECKING:
+    from .fast_path import CudaGraphTrainStep
 
 __all__ = ["LRSchedule", "AmpSettings", "multi_scale_size", "EpochStats", "MetricsWriter", "ShardedEvalResult", "backward", "optimizer_step", "train_one_epoch",
            "evaluate", "infer", "scored", "Inference", "FAULT_INJECT_ENV"]
@@ -254,6 +257,7 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     ema: ModelEMA | None = None,
     frozen_bn: nn.Module | None = None,
+    graph_step: "CudaGraphTrainStep | None" = None,
 ) -> EpochStats:
     """Train for one epoch (``epoch`` is 1-based). Returns the epoch's statistics.
 
@@ -295,6 +299,13 @@ def train_one_epoch(
     Multi-scale training: ``input_size_at(step)`` (``step`` = optimiser steps done before this
     one) gives the input side of the step; images of another size are resized to it on the
     device (bilinear; the normalised boxes are unchanged). See :func:`multi_scale_size`.
+
+    CUDA graphs: with ``graph_step`` (:class:`~single_stage_detector.fast_path.CudaGraphTrainStep`
+    over ``detector`` and ``optimizer``, with tensor LRs), each plain step (a full batch of
+    real images, no accumulation) encodes its targets outside the graph and replays the
+    captured forward, loss, backward, clipping and optimiser step; the LR is written into the
+    optimiser's tensors first. Other steps (a rank's zero-weight stand-in, an uneven last batch
+    under DDP) run eagerly, as without it.
     """
     say = _printer(info)
     detector.train()
@@ -355,12 +366,24 @@ def train_one_epoch(
         sync_ctx = (detector.no_sync() if (not last_micro and hasattr(detector, "no_sync"))
                     else contextlib.nullcontext())
         bn_ctx = frozen_batch_norm_stats(detector) if loss_weight == 0.0 else contextlib.nullcontext()
-        with sync_ctx:
-            with amp.autocast(), bn_ctx:
-                losses = detector(batch.images, batch.targets())
-            loss = sum(losses.values())
+        graphed = graph_step is not None and loss_weight == 1.0 and share == 1.0 and micro_per_step == 1
+        if graphed:
+            lr = schedule(step)
+            set_learning_rate(optimizer, lr)  # into the tensors the captured SGD step reads
+            if batch.encoded is not None:
+                loc_t, labels_t = batch.encoded
+            else:
+                with torch.no_grad():  # static shapes [B, A, 4], [B, A] whatever the box counts
+                    loc_t, labels_t = graph_step.encode_targets(batch.boxes, batch.labels)
+            losses = graph_step(batch.images, loc_t, labels_t)
             finite.update(losses, step + 1, where=f"epoch {epoch}")
-            backward(loss * (loss_weight * share / micro_per_step), scaler)
+        else:
+            with sync_ctx:
+                with amp.autocast(), bn_ctx:
+                    losses = detector(batch.images, batch.targets())
+                loss = sum(losses.values())
+                finite.update(losses, step + 1, where=f"epoch {epoch}")
+                backward(loss * (loss_weight * share / micro_per_step), scaler)
         micro += 1
         if loss_weight:
             stats.images += len(batch)
@@ -368,9 +391,10 @@ def train_one_epoch(
         if not last_micro:
             continue
 
-        lr = schedule(step)
-        set_learning_rate(optimizer, lr)
-        optimizer_step(optimizer, scaler, clip_grad_norm)
+        if not graphed:
+            lr = schedule(step)
+            set_learning_rate(optimizer, lr)
+            optimizer_step(optimizer, scaler, clip_grad_norm)
         step += 1
         stats.steps += 1
         if ema is not None:

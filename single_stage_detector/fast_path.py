@@ -12,8 +12,10 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .recipe import clip_gradients
+
 __all__ = ["make_sgd", "enable_cudnn_autotune", "compile_for_training", "TrainStep", "CudaGraphTrainStep",
-           "sgd_supports_fused"]
+           "sgd_supports_fused", "use_tensor_learning_rates", "optimizer_state_dict"]
 
 
 def sgd_supports_fused(device: torch.device) -> bool:
@@ -92,12 +94,19 @@ class TrainStep:
     ``detector`` is a training-mode :class:`~single_stage_detector.detector.SSDDetector` (or
     a compiled / DDP wrapper of one); ``autocast`` a context factory (``AmpSettings.autocast``).
     With a ``scaler`` (fp16) the loss is scaled and the step skipped on inf/NaN gradients.
+    ``clip_grad_norm``: the global gradient norm is clipped to it before the optimiser step
+    (no host sync). ``encode_targets`` (optional, ``(boxes, labels) -> (loc_t, labels_t)``):
+    the detector's target encoding, for callers that hold raw boxes (the trainer); it gives
+    static shapes ([B, A, 4], [B, A]) whatever the number of boxes.
     """
 
     def __init__(self, detector: nn.Module, optimizer: torch.optim.Optimizer,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 scaler: "torch.amp.GradScaler | None" = None) -> None:
+                 scaler: "torch.amp.GradScaler | None" = None, *, clip_grad_norm: float | None = None,
+                 encode_targets: Callable[[list, list], tuple[Tensor, Tensor]] | None = None) -> None:
         self.detector, self.optimizer, self.autocast, self.scaler = detector, optimizer, autocast, scaler
+        self.clip_grad_norm = clip_grad_norm
+        self.encode_targets = encode_targets
 
     def _forward_backward(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
         with self.autocast():
@@ -106,27 +115,42 @@ class TrainStep:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return losses
 
-    def __call__(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
-        losses = self._forward_backward(images, loc_t, labels_t)
+    def _optimizer_step(self) -> None:
+        if self.clip_grad_norm is not None:
+            clip_gradients(self.optimizer, self.clip_grad_norm, self.scaler)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    def _eager(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
+        losses = self._forward_backward(images, loc_t, labels_t)
+        self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         return {k: v.detach() for k, v in losses.items()}
+
+    def __call__(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
+        return self._eager(images, loc_t, labels_t)
 
 
 class CudaGraphTrainStep(TrainStep):
     """:class:`TrainStep` captured once as a CUDA graph and replayed: one launch per step.
 
-    The first call runs ``warmup`` eager steps on a side stream (required before capture;
-    they are real steps that update the weights), then captures forward, loss, backward and
-    the optimiser step for the shapes of that call. Later calls with the same shapes, dtypes
-    and strides copy the inputs into the graph's static buffers and replay it; any other
-    shape (e.g. an epoch's last, smaller batch) runs the eager step instead and is counted in
-    ``fallbacks``. The learning rate is read when the graph is captured: the graph is for
-    fixed-LR phases and benchmarks (a new LR needs a new instance).
+    The first ``warmup`` calls run eager steps on a side stream (required before capture:
+    autograd and cuDNN set themselves up on them); the next call captures forward, loss,
+    backward, the optional gradient clipping and the optimiser step for the shapes of that
+    call, then replays it. Every call is one real training step on its own inputs. Later calls
+    with the same shapes, dtypes and strides copy the inputs into the graph's static buffers
+    and replay; any other shape (e.g. an epoch's last, smaller batch) runs the eager step
+    instead and is counted in ``fallbacks``.
+
+    The learning rate: a float LR is read when the graph is captured (benchmarks). For a
+    schedule, call :func:`use_tensor_learning_rates` on the optimiser first and set the LR
+    with :func:`~single_stage_detector.recipe.set_learning_rate`, which then writes into
+    the tensors the captured step reads (fused SGD takes a tensor LR without a host sync).
+
+    ``encode_targets`` (see :class:`TrainStep`) runs eagerly, outside the graph.
 
     Raises:
         ValueError: on a non-CUDA device or with an fp16 ``scaler`` (its step skips are host
@@ -135,13 +159,17 @@ class CudaGraphTrainStep(TrainStep):
 
     def __init__(self, detector: nn.Module, optimizer: torch.optim.Optimizer,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 scaler: "torch.amp.GradScaler | None" = None, warmup: int = 3) -> None:
+                 scaler: "torch.amp.GradScaler | None" = None, warmup: int = 3, *,
+                 clip_grad_norm: float | None = None,
+                 encode_targets: Callable[[list, list], tuple[Tensor, Tensor]] | None = None) -> None:
         if scaler is not None:
             raise ValueError("CUDA graphs: fp16 loss scaling cannot be captured; use bf16")
-        super().__init__(detector, optimizer, autocast, None)
+        super().__init__(detector, optimizer, autocast, None, clip_grad_norm=clip_grad_norm,
+                         encode_targets=encode_targets)
         self.warmup = warmup
         self.fallbacks = 0
         self.replays = 0
+        self.warmup_steps = 0
         self._graph: "torch.cuda.CUDAGraph | None" = None
         self._key: tuple | None = None
         self._static: tuple[Tensor, Tensor, Tensor] | None = None
@@ -151,36 +179,71 @@ class CudaGraphTrainStep(TrainStep):
     def _signature(*tensors: Tensor) -> tuple:
         return tuple((t.device, t.dtype, tuple(t.shape), t.stride()) for t in tensors)
 
+    def _warmup_step(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
+        if images.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need CUDA tensors, got {images.device}")
+        main = torch.cuda.current_stream(images.device)
+        side = torch.cuda.Stream(device=images.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            losses = self._eager(images, loc_t, labels_t)
+        main.wait_stream(side)
+        self.warmup_steps += 1
+        return losses
+
     def _capture(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> None:
         if images.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors, got {images.device}")
         self._static = (images.clone(memory_format=torch.preserve_format), loc_t.clone(), labels_t.clone())
-        side = torch.cuda.Stream(device=images.device)
-        side.wait_stream(torch.cuda.current_stream(images.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                TrainStep.__call__(self, *self._static)
-        torch.cuda.current_stream(images.device).wait_stream(side)
+        torch.cuda.current_stream(images.device).synchronize()  # once: the warm-up's work is done
         self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             losses = self._forward_backward(*self._static)
-            self.optimizer.step()
+            self._optimizer_step()
         self._losses = {k: v.detach() for k, v in losses.items()}
         self._graph = graph
         self._key = self._signature(images, loc_t, labels_t)
 
     def __call__(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
         if self._graph is None:
-            self._capture(images, loc_t, labels_t)
+            if self.warmup_steps < self.warmup:
+                return self._warmup_step(images, loc_t, labels_t)
+            self._capture(images, loc_t, labels_t)  # records the step; the replay below runs it
         elif self._signature(images, loc_t, labels_t) != self._key:
             self.fallbacks += 1
             # Eager on other shapes; the graph's gradient buffers stay untouched (zero_grad
             # sets .grad to None, and the graph writes its own buffers on the next replay).
-            return TrainStep.__call__(self, images, loc_t, labels_t)
+            return self._eager(images, loc_t, labels_t)
         assert self._static is not None
         for dst, src in zip(self._static, (images, loc_t, labels_t)):
             dst.copy_(src, non_blocking=True)
         self._graph.replay()
         self.replays += 1
         return self._losses
+
+
+def use_tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Store each parameter group's LR as a 0-d tensor on ``device``, so that a captured
+    optimiser step reads the LR of every replay (:func:`~single_stage_detector.recipe.set_learning_rate`
+    fills the tensors in place). Needs an optimiser that takes a tensor LR without reading it
+    on the host: fused SGD or AdamW.
+
+    Raises:
+        ValueError: when ``optimizer`` is not a fused one.
+    """
+    if not optimizer.defaults.get("fused"):
+        raise ValueError(f"a tensor learning rate without host syncs needs a fused optimiser, not "
+                         f"{type(optimizer).__name__} without fused=True")
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with tensor LRs (:func:`use_tensor_learning_rates`) as floats,
+    so that a checkpoint loads into any run, with or without CUDA graphs."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group.get("lr"), Tensor):
+            group["lr"] = float(group["lr"])
+    return state

@@ -129,7 +129,11 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     optimiser's state and survives the schedule setting the LR at every step.
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+        value = lr * group.get("lr_mult", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)  # a captured CUDA-graph step reads this tensor (fast_path)
+        else:
+            group["lr"] = value
 
 
 # -- optimiser ----------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast
 from .engine import (AmpSettings, Inference, MetricsWriter, ShardedEvalResult, infer, multi_scale_size, scored,
                      train_one_epoch)
 from .evaluation import CocoEvaluator, UndefinedAPError
-from .fast_path import compile_for_training, enable_cudnn_autotune
+from .fast_path import (CudaGraphTrainStep, compile_for_training, enable_cudnn_autotune, optimizer_state_dict,
+                        use_tensor_learning_rates)
 from .mlperf_log import RESUMED_KEY, C, MLPerfLogger, move_aside
 from .detectors.base import build_detector, family_of
 from .models import count_parameters
@@ -239,6 +240,33 @@ def resolve_preset(cfg: TrainConfig) -> tuple[object, TrainConfig]:
     return preset, cfg
 
 
+def _check_cuda_graphs(preset, family, info: DistInfo) -> None:
+    """``--cuda-graphs``: ConfigError, before the run starts, when this launch cannot capture its step."""
+    if info.device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs: needs a CUDA device; this run is on {info.device}")
+    if info.distributed:
+        raise ConfigError("--cuda-graphs: one process only (DDP's all-reduce inside a captured step "
+                          f"is not supported here yet); this launch has {info.world_size}")
+    if not hasattr(preset, "box_spec"):
+        raise ConfigError(f"--cuda-graphs: preset {preset.name!r} ({family.name}) computes its targets inside "
+                          "the loss, with shapes that follow the boxes; SSD presets only")
+
+
+def _graph_step(cfg: TrainConfig, detector: nn.Module, train_module: nn.Module, optimizer: torch.optim.Optimizer,
+                amp: AmpSettings, device: torch.device) -> CudaGraphTrainStep:
+    """The captured training step of ``--cuda-graphs`` (checked by :func:`_check_cuda_graphs`)."""
+    try:
+        use_tensor_learning_rates(optimizer, device)
+    except ValueError as e:
+        raise ConfigError(f"--cuda-graphs: {e} (torch {torch.__version__})") from None
+
+    def autocast():  # autocast's cache of cast weights must be off while capturing: the graph owns the casts
+        return torch.autocast(device.type, amp.dtype, enabled=amp.enabled, cache_enabled=False)
+
+    return CudaGraphTrainStep(train_module, optimizer, autocast, clip_grad_norm=cfg.clip_grad_norm,
+                              encode_targets=detector.encode_targets)
+
+
 def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:
     with StopSignals(announce=info.is_main) as stop:
         return _run_with_signals(cfg, info, stop)
@@ -267,6 +295,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
     family = family_of(preset)
     division = cfg.resolved_division(preset.is_benchmark)
     cfg.validate(closed=division == "closed")
+    if cfg.cuda_graphs:
+        _check_cuda_graphs(preset, family, info)
     # Before anything is logged: a read-only or full output folder is a one-line error.
     check_output_writable(cfg, _meta_model_bytes(preset, extra_state_copies(cfg)))
     resumed = find_resume_checkpoint(cfg, info)  # collective; ConfigError naming a bad file
@@ -327,6 +357,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                 raise ConfigError(f"--resume: {resumed[0]}: {e}") from None
     freeze = (BackboneFreeze(detector, optimizer, cfg.freeze_backbone_epochs, cfg.backbone_lr_mult)
               if cfg.freeze_backbone_epochs or cfg.backbone_lr_mult != 1.0 else None)
+    graph_step = _graph_step(cfg, detector, train_module, optimizer, amp, info.device) if cfg.cuda_graphs else None
 
     if resumed is None:
         mlog.hyperparameters({
@@ -398,7 +429,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             path = Path(cfg.output_dir) / RESUME_DIR / resume_checkpoint_name(epoch_done, step)
             try:
                 save_checkpoint({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model": model.state_dict(), "optimizer": optimizer_state_dict(optimizer),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "ema": ema.state_dict() if ema is not None else None,
                     "epoch": epoch_done, "step": step, "preset": preset.name, "config": _config_to_save(cfg),
@@ -527,7 +558,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                                     batch_size=cfg.batch_size,
                                     start_batch=step_in_epoch * cfg.gradient_accumulation_steps,
                                     should_stop=agreed_stop, clip_grad_norm=cfg.clip_grad_norm, ema=ema,
-                                    frozen_bn=frozen_bn, input_size_at=input_size_at)
+                                    frozen_bn=frozen_bn, input_size_at=input_size_at, graph_step=graph_step)
             step += stats.steps
             skipped += stats.skipped_samples
             if stats.stopped:
@@ -540,8 +571,10 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             epochs_done = epoch
             mlog.end(C.EPOCH_STOP, metadata={C.EPOCH_NUM: epoch})
             trained = sum_over_ranks(stats.images, info)  # every image once per epoch: == train_samples
+            graph_text = (f", CUDA graph: {graph_step.replays} replayed, {graph_step.warmup_steps} warm-up and "
+                          f"{graph_step.fallbacks} other-shape steps eager so far" if graph_step is not None else "")
             say(f"epoch {epoch} done: {trained} images, {trained / max(stats.seconds, 1e-9):.0f} img/s, "
-                f"{stats.seconds:.1f} s")
+                f"{stats.seconds:.1f} s{graph_text}")
             metrics.write(kind="epoch", epoch=epoch, seconds=stats.seconds, images=trained,
                           images_per_s=trained / max(stats.seconds, 1e-9))
             if finish_pending():  # the previous evaluation, scored while this epoch trained
@@ -593,7 +626,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             # evaluation that reached the target (the model trained one more epoch meanwhile).
             "model": reached.weights if reached is not None else (
                 ema.model_state_dict() if ema is not None else detector.model.state_dict()),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state_dict(optimizer),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": reached.epoch if reached is not None else epochs_done,
             "step": reached.step if reached is not None else step, "preset": preset.name,

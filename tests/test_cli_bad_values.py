@@ -46,6 +46,7 @@ CASES = [
     ("train-range", "train --batch-size 0 --data-dir {d}/folder", "--batch-size"),
     ("train-val-loss", "train --val-loss sometimes --data-dir {d}/folder", "--val-loss"),
     ("train-async-eval", "train --async-eval later --data-dir {d}/folder", "--async-eval"),
+    ("train-cuda-graphs-compile", "train --cuda-graphs --compile --data-dir {d}/folder", "--cuda-graphs"),
     ("train-anchors-value", "train --preset yolov1_tiny_cpu --anchors kmeans:0 --data-dir {d}/folder", "--anchors"),
     ("train-anchors-other-family", "train --preset ssd_tiny --anchors kmeans:5 --data-dir {d}/folder", "--anchors"),
     ("train-confidence-target", "train --preset yolov1_tiny_cpu --confidence-target two --data-dir {d}/folder",

@@ -569,9 +569,10 @@ from single_stage_detector.data.coco import CocoDetection
 from single_stage_detector.data.loader import build_train_loader
 from single_stage_detector.data.transforms import SSDTrainTransform
 ds = CocoDetection(sys.argv[1], sys.argv[2], transform=SSDTrainTransform(32))
-loader = build_train_loader(ds, 2, num_workers=2, seed=0)
+loader = build_train_loader(ds, 1, num_workers=2, seed=0)
 it = iter(loader)
 next(it)
+next(it)  # batches 0 and 1 come from workers 0 and 1: both have set their signal handlers
 workers = [w.pid for w in it._workers]
 os.kill(workers[0], signal.SIGTERM)  # as a job-wide SIGTERM reaches the workers: ignored
 os.kill(workers[1], signal.SIGINT)   # Ctrl-C of the terminal's process group: ignored

@@ -203,6 +203,25 @@ def test_two_process_log_is_rank0_only_and_compliant(runs):
     assert ev["images_per_rank"] == [5, 5] and ev["num_images"] == NUM_VAL
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, SyncBatchNorm on GPUs)")
+def test_two_gpus_with_nccl_sync_batch_norm_match_one_gpu(coco, tmp_path):
+    """The CPU comparison above on GPUs: 2 processes x batch 4 over NCCL, SyncBatchNorm over
+    both (bn_span 8), against 1 GPU x batch 8 (fp32, the torch input path); cuDNN's own
+    summation orders loosen the tolerance."""
+    gpu = [a if a != "cpu" else "cuda" for a in COMMON] + ["--warmup-steps", "1", "--data-backend", "torch",
+                                                          "--eval-every", "1"]
+    one = _launch(1, [*gpu, "--data-dir", str(coco), "--output-dir", str(tmp_path / "g1"), "--batch-size", "8"],
+                  tmp_path)
+    assert one.returncode == 3, one.stdout[-2000:] + one.stderr[-3000:]
+    two = _launch(2, [*gpu, "--data-dir", str(coco), "--output-dir", str(tmp_path / "g2"), "--batch-size", "4",
+                      "--bn-span", "8"], tmp_path)
+    assert "status            aborted" in two.stdout, two.stdout[-2000:] + two.stderr[-4000:]
+    cfg2 = json.loads((tmp_path / "g2" / "config.json").read_text())["derived"]
+    assert cfg2["world_size"] == 2 and cfg2["bn_span"] == 8 and cfg2["device"].startswith("cuda")
+    _assert_same_weights(_model_state(tmp_path / "g1" / "checkpoint.pt"),
+                         _model_state(tmp_path / "g2" / "checkpoint.pt"), atol=2e-4, rtol=1e-3)
+
+
 def _craft_checkpoint(src, dst, coco):
     """A checkpoint whose heads output their biases only: every image gets the same detections,
     default boxes (zero offsets) of all but the smallest level, scored above the 0.05 threshold

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from cli_runner import run_cli
+from single_stage_detector.data.batch import DetectionBatch
 from single_stage_detector.detector import SSDDetector
-from single_stage_detector.distributed import DeviceUnavailableError, cuda_unavailable_reason, select_device
-from single_stage_detector.engine import AmpSettings
+from single_stage_detector.distributed import DeviceUnavailableError, DistInfo, cuda_unavailable_reason, select_device
+from single_stage_detector.engine import AmpSettings, train_one_epoch
 from single_stage_detector.fast_path import (CudaGraphTrainStep, TrainStep, compile_for_training, make_sgd,
-                                             sgd_supports_fused)
+                                             optimizer_state_dict, sgd_supports_fused, use_tensor_learning_rates)
+from single_stage_detector.recipe import LRSchedule
 from single_stage_detector.models import build_model, get_preset
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,6 +43,23 @@ def _batches(det, n, batch=2, device="cpu", seed=1):
         with torch.no_grad():
             loc_t, lab_t = det.encode_targets(boxes, labels)
         out.append((torch.randn(batch, 3, 128, 128, generator=g).to(device), loc_t, lab_t))
+    return out
+
+
+def _raw_batches(n, batch=4, seed=2):
+    """``n`` DetectionBatch of 128x128 images with raw boxes (1..6 per image, not encoded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        boxes, labels = [], []
+        for _ in range(batch):
+            k = int(torch.randint(1, 7, (1,), generator=g))
+            xy = torch.rand(k, 2, generator=g) * 0.5
+            boxes.append(torch.cat([xy, xy + 0.1 + torch.rand(k, 2, generator=g) * 0.4], 1))
+            labels.append(torch.randint(1, 81, (k,), generator=g))
+        out.append(DetectionBatch(images=torch.randn(batch, 3, 128, 128, generator=g), boxes=boxes, labels=labels,
+                                  image_ids=torch.arange(batch), orig_sizes=torch.full((batch, 2), 128),
+                                  valid=torch.ones(batch, dtype=torch.bool)))
     return out
 
 
@@ -78,6 +97,55 @@ def test_fused_sgd_is_the_same_update():
     _losses(TrainStep(b, opt_b), batches)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not sgd_supports_fused(torch.device("cpu")), reason="fused SGD needs a newer torch on CPU")
+def test_trainer_step_object_path_trains_as_its_own_loop():
+    """``train_one_epoch(graph_step=...)`` (the path ``--cuda-graphs`` replays on a GPU; here the
+    eager :class:`TrainStep` it falls back to) makes the same steps as the trainer's own loop:
+    the LR schedule written into tensor LRs, targets encoded from raw boxes, clipping, the
+    epoch's last smaller batch; and the checkpointed optimiser state holds float LRs."""
+    cpu = torch.device("cpu")
+    batches = _raw_batches(4) + _raw_batches(1, batch=3, seed=9)
+    schedule = LRSchedule(0.05, 3, 1.0, (), 0.1, 5)  # a warm-up ramp: a new LR at every step
+    fp32 = AmpSettings.resolve("off", cpu)
+    runs = {}
+    for graphed in (False, True):
+        det = _tiny()
+        opt = make_sgd(det.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, device=cpu, fused=True)
+        step = None
+        if graphed:
+            use_tensor_learning_rates(opt, cpu)
+            step = TrainStep(det, opt, fp32.autocast, clip_grad_norm=2.0, encode_targets=det.encode_targets)
+        stats = train_one_epoch(det, opt, batches, epoch=1, num_epochs=1, start_step=0, schedule=schedule, amp=fp32,
+                                scaler=None, info=DistInfo(), log_every=100, clip_grad_norm=2.0, graph_step=step)
+        assert stats.steps == 5 and stats.images == 19
+        runs[graphed] = (det.state_dict(), opt)
+    (plain, _), (stepped, opt) = runs[False], runs[True]
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(schedule(4), rel=1e-6)  # filled in place
+    assert optimizer_state_dict(opt)["param_groups"][0]["lr"] == pytest.approx(schedule(4), rel=1e-6)
+    assert isinstance(optimizer_state_dict(opt)["param_groups"][0]["lr"], float)
+    for name in plain:
+        torch.testing.assert_close(stepped[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="fused"):
+        use_tensor_learning_rates(torch.optim.SGD(_tiny().parameters(), lr=0.1, foreach=True), cpu)
+
+
+def test_cuda_graphs_flag_refusals_name_the_reason(tmp_path):
+    """``--cuda-graphs`` with what a captured step cannot hold, or without a CUDA device: one line, exit 2,
+    before any file is written."""
+    base = ["train", "--preset", "ssd_tiny", "--synthetic", "--data-dir", str(tmp_path / "d"), "--output-dir",
+            str(tmp_path / "o"), "--cuda-graphs"]
+    cases = [(["--compile"], "--compile"), (["--amp", "fp16"], "--amp bf16"),
+             (["--gradient-accumulation-steps", "2"], "--gradient-accumulation-steps")]
+    if not torch.cuda.is_available():
+        cases.append(([], "needs a CUDA device"))
+    for extra, named in cases:
+        proc = run_cli(base + extra, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert "--cuda-graphs" in proc.stderr and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
 
 
 def test_cuda_graph_step_refuses_what_it_cannot_capture():
@@ -123,18 +191,16 @@ def test_cuda_graph_step_equals_eager_and_falls_back_on_new_shapes():
                       fp32.autocast)
     graphed = CudaGraphTrainStep(det, make_sgd(det.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4,
                                                device=cuda), fp32.autocast, warmup=2)
-    # The graph's warm-up steps are real steps on the first batch: give the eager model the same.
-    for _ in range(2):
-        eager(*batches[0])
+    # The 2 warm-up calls are eager steps on their own batches; the third captures and replays.
     want = _losses(eager, batches[:4])
     got = _losses(graphed, batches[:4])
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=1e-4)
-    assert graphed.replays == 4 and graphed.fallbacks == 0
+    assert graphed.warmup_steps == 2 and graphed.replays == 2 and graphed.fallbacks == 0
     small = _batches(det, 1, batch=1, device="cuda", seed=5)[0]
     losses = graphed(*small)
     assert graphed.fallbacks == 1 and torch.isfinite(sum(losses.values()))
     graphed(*batches[4])  # back on the captured shape: replayed
-    assert graphed.replays == 5
+    assert graphed.replays == 3
 
 
 @needs_cuda
@@ -160,3 +226,26 @@ def test_non_finite_loss_on_cuda_stops_at_a_check_naming_the_step(small_coco, tm
     assert proc.returncode == 4, proc.stderr[-3000:]
     m = re.search(r"non-finite loss in epoch \d+ at step (\d+) \(checked steps (\d+)\.\.(\d+); .*loc=", proc.stderr)
     assert m and int(m[2]) <= int(m[1]) <= int(m[3]), proc.stderr[-2000:]
+
+
+@needs_cuda
+def test_train_with_cuda_graphs_gives_the_eager_losses(small_coco, tmp_path):
+    """``train --cuda-graphs`` (ssd_tiny, bf16, 2 epochs of 8 steps): the captured step replays
+    from the fourth step on, and every logged loss matches the eager run's."""
+    import json
+
+    losses, outs = {}, {}
+    for graphs in (False, True):
+        out = tmp_path / ("graphs" if graphs else "eager")
+        proc = run_cli(["train", "--device", "cuda", "--preset", "ssd_tiny", "--data-dir", str(small_coco),
+                        "--output-dir", str(out), "--batch-size", "8", "--eval-batch-size", "8", "--num-workers", "0",
+                        "--no-save-checkpoint", "--seed", "1", "--epochs", "2", "--eval-every", "2", "--log-every", "1",
+                        "--amp", "bf16", "--clip-grad-norm", "10"] + (["--cuda-graphs"] if graphs else []),
+                       timeout=600, cwd=tmp_path)
+        assert proc.returncode in (0, 3), proc.stderr[-3000:]  # 3: the target not reached
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[graphs] = [r["loss"] for r in records if r["kind"] == "train"]
+        outs[graphs] = proc.stdout
+    assert len(losses[True]) == len(losses[False]) == 16
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=3e-2, atol=1e-3)
+    assert "CUDA graph: 13 replayed, 3 warm-up and 0 other-shape steps eager so far" in outs[True], outs[True][-3000:]

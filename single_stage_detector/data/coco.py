@@ -280,9 +280,14 @@ def _torchvision_decode_jpeg():
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
         return None
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                            category=DeprecationWarning)
-    return functools.partial(decode_jpeg, mode=ImageReadMode.UNCHANGED)
+
+    def decode(data: Tensor) -> Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                    category=DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.UNCHANGED)
+
+    return decode
 
 
 def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
