@@ -212,8 +212,10 @@ class CudaGraphTrainStep(TrainStep):
             self._capture(images, loc_t, labels_t)  # records the step; the replay below runs it
         elif self._signature(images, loc_t, labels_t) != self._key:
             self.fallbacks += 1
-            # Eager on other shapes; the graph's gradient buffers stay untouched (zero_grad
-            # sets .grad to None, and the graph writes its own buffers on the next replay).
+            # Eager on other shapes. The .grad attributes still point at the graph's gradient
+            # buffers: dropped first, or backward would add to the last replay's gradients (the
+            # buffers stay in the graph's private pool, which the next replay writes again).
+            self.optimizer.zero_grad(set_to_none=True)
             return self._eager(images, loc_t, labels_t)
         assert self._static is not None
         for dst, src in zip(self._static, (images, loc_t, labels_t)):
