@@ -21,6 +21,7 @@ training. ``--json`` writes the rows and the settings for scripts (``gpu_check``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -469,8 +470,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         if cuda_graphs:
             # Autocast's weight-cast cache must be off while capturing (the graph owns the casts).
             # Eager warm-up steps, then the capture, all within the benchmark's --warmup calls.
-            step = CudaGraphTrainStep(module, opt, lambda: torch.autocast("cuda", amp.dtype, enabled=amp.enabled,
-                                                                          cache_enabled=False), scaler,
+            step = CudaGraphTrainStep(module, opt, functools.partial(amp.autocast, cache_enabled=False), scaler,
                                       warmup=max(args.warmup - 1, 1))
         else:
             step = TrainStep(module, opt, amp.autocast, scaler)

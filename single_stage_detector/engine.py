@@ -84,10 +84,12 @@ class AmpSettings:
         """``bfloat16`` / ``float16`` / ``off (fp32)``, as config.json records it."""
         return str(self.dtype).replace("torch.", "") if self.enabled else "off (fp32)"
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
+        """The forward pass's autocast context. ``cache_enabled`` False: no cache of cast weights
+        (required while capturing a CUDA graph, which then owns the casts)."""
         if not self.enabled:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype, cache_enabled=cache_enabled)
 
     @property
     def needs_scaler(self) -> bool:
@@ -184,11 +186,12 @@ def backward(loss: Tensor, scaler: "torch.amp.GradScaler | None") -> None:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler | None",
-                   clip_grad_norm: float | None = None) -> None:
+                   clip_grad_norm: float | None = None, *, zero_grad: bool = True) -> None:
     """Apply and clear the gradients (the scaler skips steps with inf/NaN gradients and adapts its scale).
 
     ``clip_grad_norm``: first clip the global gradient norm to it (unscaled first when there
-    is a scaler; :func:`~single_stage_detector.recipe.clip_gradients`, no host sync)."""
+    is a scaler; :func:`~single_stage_detector.recipe.clip_gradients`, no host sync).
+    ``zero_grad`` False keeps the gradients (a CUDA-graph capture, whose replays overwrite them)."""
     if clip_grad_norm is not None:
         clip_gradients(optimizer, clip_grad_norm, scaler)
     if scaler is not None:
@@ -196,7 +199,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScal
         scaler.update()
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
 
 
 @contextlib.contextmanager
@@ -366,10 +370,11 @@ def train_one_epoch(
         sync_ctx = (detector.no_sync() if (not last_micro and hasattr(detector, "no_sync"))
                     else contextlib.nullcontext())
         bn_ctx = frozen_batch_norm_stats(detector) if loss_weight == 0.0 else contextlib.nullcontext()
+        if last_micro:
+            lr = schedule(step)
+            set_learning_rate(optimizer, lr)  # with --cuda-graphs: into the tensors the captured step reads
         graphed = graph_step is not None and loss_weight == 1.0 and share == 1.0 and micro_per_step == 1
         if graphed:
-            lr = schedule(step)
-            set_learning_rate(optimizer, lr)  # into the tensors the captured SGD step reads
             if batch.encoded is not None:
                 loc_t, labels_t = batch.encoded
             else:
@@ -392,8 +397,6 @@ def train_one_epoch(
             continue
 
         if not graphed:
-            lr = schedule(step)
-            set_learning_rate(optimizer, lr)
             optimizer_step(optimizer, scaler, clip_grad_norm)
         step += 1
         stats.steps += 1

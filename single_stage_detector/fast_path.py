@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .recipe import clip_gradients
+from .engine import backward, optimizer_step
 
 __all__ = ["make_sgd", "enable_cudnn_autotune", "compile_for_training", "TrainStep", "CudaGraphTrainStep",
            "sgd_supports_fused", "use_tensor_learning_rates", "optimizer_state_dict"]
@@ -111,23 +111,12 @@ class TrainStep:
     def _forward_backward(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
         with self.autocast():
             losses = self.detector(images, {"loc": loc_t, "labels": labels_t})
-        loss = sum(losses.values())
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        backward(sum(losses.values()), self.scaler)
         return losses
-
-    def _optimizer_step(self) -> None:
-        if self.clip_grad_norm is not None:
-            clip_gradients(self.optimizer, self.clip_grad_norm, self.scaler)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
 
     def _eager(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
         losses = self._forward_backward(images, loc_t, labels_t)
-        self._optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, self.scaler, self.clip_grad_norm)
         return {k: v.detach() for k, v in losses.items()}
 
     def __call__(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
@@ -180,8 +169,6 @@ class CudaGraphTrainStep(TrainStep):
         return tuple((t.device, t.dtype, tuple(t.shape), t.stride()) for t in tensors)
 
     def _warmup_step(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
-        if images.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need CUDA tensors, got {images.device}")
         main = torch.cuda.current_stream(images.device)
         side = torch.cuda.Stream(device=images.device)
         side.wait_stream(main)
@@ -192,21 +179,21 @@ class CudaGraphTrainStep(TrainStep):
         return losses
 
     def _capture(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> None:
-        if images.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need CUDA tensors, got {images.device}")
         self._static = (images.clone(memory_format=torch.preserve_format), loc_t.clone(), labels_t.clone())
         torch.cuda.current_stream(images.device).synchronize()  # once: the warm-up's work is done
         self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             losses = self._forward_backward(*self._static)
-            self._optimizer_step()
+            optimizer_step(self.optimizer, None, self.clip_grad_norm, zero_grad=False)
         self._losses = {k: v.detach() for k, v in losses.items()}
         self._graph = graph
         self._key = self._signature(images, loc_t, labels_t)
 
     def __call__(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> dict[str, Tensor]:
         if self._graph is None:
+            if images.device.type != "cuda":
+                raise ValueError(f"CUDA graphs need CUDA tensors, got {images.device}")
             if self.warmup_steps < self.warmup:
                 return self._warmup_step(images, loc_t, labels_t)
             self._capture(images, loc_t, labels_t)  # records the step; the replay below runs it

@@ -260,11 +260,8 @@ def _graph_step(cfg: TrainConfig, detector: nn.Module, train_module: nn.Module, 
     except ValueError as e:
         raise ConfigError(f"--cuda-graphs: {e} (torch {torch.__version__})") from None
 
-    def autocast():  # autocast's cache of cast weights must be off while capturing: the graph owns the casts
-        return torch.autocast(device.type, amp.dtype, enabled=amp.enabled, cache_enabled=False)
-
-    return CudaGraphTrainStep(train_module, optimizer, autocast, clip_grad_norm=cfg.clip_grad_norm,
-                              encode_targets=detector.encode_targets)
+    return CudaGraphTrainStep(train_module, optimizer, functools.partial(amp.autocast, cache_enabled=False),
+                              clip_grad_norm=cfg.clip_grad_norm, encode_targets=detector.encode_targets)
 
 
 def _run(cfg: TrainConfig, info: DistInfo) -> RunResult:

@@ -29,17 +29,23 @@ def _tiny(device="cpu", seed=0):
     return det
 
 
+def _random_targets(g, batch, max_boxes, device="cpu"):
+    """Per image 1..``max_boxes`` random boxes (normalised x1, y1, x2, y2) and labels 1..80, drawn from ``g``."""
+    boxes, labels = [], []
+    for _ in range(batch):
+        k = int(torch.randint(1, max_boxes + 1, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * 0.5
+        boxes.append(torch.cat([xy, xy + 0.1 + torch.rand(k, 2, generator=g) * 0.4], 1).to(device))
+        labels.append(torch.randint(1, 81, (k,), generator=g).to(device))
+    return boxes, labels
+
+
 def _batches(det, n, batch=2, device="cpu", seed=1):
     """``n`` batches of (images [B, 3, 128, 128], encoded loc [B, A, 4], labels [B, A]) with 1..3 boxes each."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        boxes, labels = [], []
-        for _ in range(batch):
-            k = int(torch.randint(1, 4, (1,), generator=g))
-            xy = torch.rand(k, 2, generator=g) * 0.5
-            boxes.append(torch.cat([xy, xy + 0.1 + torch.rand(k, 2, generator=g) * 0.4], 1).to(device))
-            labels.append(torch.randint(1, 81, (k,), generator=g).to(device))
+        boxes, labels = _random_targets(g, batch, 3, device)
         with torch.no_grad():
             loc_t, lab_t = det.encode_targets(boxes, labels)
         out.append((torch.randn(batch, 3, 128, 128, generator=g).to(device), loc_t, lab_t))
@@ -51,12 +57,7 @@ def _raw_batches(n, batch=4, seed=2):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        boxes, labels = [], []
-        for _ in range(batch):
-            k = int(torch.randint(1, 7, (1,), generator=g))
-            xy = torch.rand(k, 2, generator=g) * 0.5
-            boxes.append(torch.cat([xy, xy + 0.1 + torch.rand(k, 2, generator=g) * 0.4], 1))
-            labels.append(torch.randint(1, 81, (k,), generator=g))
+        boxes, labels = _random_targets(g, batch, 6)
         out.append(DetectionBatch(images=torch.randn(batch, 3, 128, 128, generator=g), boxes=boxes, labels=labels,
                                   image_ids=torch.arange(batch), orig_sizes=torch.full((batch, 2), 128),
                                   valid=torch.ones(batch, dtype=torch.bool)))
