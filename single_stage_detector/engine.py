@@ -500,7 +500,8 @@ def infer(
         images = batch.images.to(info.device, non_blocking=True, memory_format=memory_format)
         with amp.autocast():
             if val_loss:
-                detections, terms = detector(images, _targets_on(batch, info.device))
+                boxes, labels = batch.ground_truth_on(info.device)
+                detections, terms = detector(images, {"boxes": boxes, "labels": labels})
             else:
                 detections = detector(images)
         if val_loss:
@@ -561,14 +562,6 @@ def evaluate(
         return ShardedEvalResult(ap=math.nan)
     assert evaluator is not None, "rank 0 needs the COCO evaluator"
     return scored(inference, evaluator.evaluate(inference.results, inference.image_ids))
-
-
-def _targets_on(batch: DetectionBatch, device: torch.device) -> dict[str, list[Tensor]]:
-    """The batch's ground truth on ``device``, one transfer per tensor kind."""
-    counts = [int(b.shape[0]) for b in batch.boxes]
-    boxes = torch.cat(batch.boxes).to(device, non_blocking=True).split(counts)
-    labels = torch.cat(batch.labels).to(device, non_blocking=True).split(counts)
-    return {"boxes": list(boxes), "labels": list(labels)}
 
 
 def _gather_val_loss(sums: dict[str, float], images: int) -> dict[str, float] | None:

@@ -49,16 +49,24 @@ class DetectionBatch:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def ground_truth_on(self, device: torch.device | str,
+                        non_blocking: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+        """``(boxes, labels)`` on ``device``: one transfer per kind (concatenated, then split per image)."""
+        if not self.boxes:
+            return [], []
+        counts = [int(b.shape[0]) for b in self.boxes]
+        boxes = torch.cat(self.boxes).to(device, non_blocking=non_blocking).split(counts)
+        labels = torch.cat(self.labels).to(device, non_blocking=non_blocking).split(counts)
+        return list(boxes), list(labels)
+
     def to(self, device: torch.device | str, non_blocking: bool = True,
            memory_format: torch.memory_format = torch.contiguous_format) -> "DetectionBatch":
-        """Move images and targets to ``device`` (targets in one transfer each, then split).
+        """Move images and targets to ``device`` (:meth:`ground_truth_on`).
 
         uint8 images (``normalization`` set) travel as uint8 and are normalised on ``device``;
         the returned batch holds float images and ``normalization`` None.
         """
-        counts = [int(b.shape[0]) for b in self.boxes]
-        boxes = list(torch.cat(self.boxes).to(device, non_blocking=non_blocking).split(counts)) if self.boxes else []
-        labels = list(torch.cat(self.labels).to(device, non_blocking=non_blocking).split(counts)) if self.labels else []
+        boxes, labels = self.ground_truth_on(device, non_blocking)
         images = self.images.to(device, non_blocking=non_blocking, memory_format=memory_format)
         if self.normalization is not None:
             from .transforms import normalize_images
