@@ -513,11 +513,13 @@ def infer(
         ids = [int(i) for i in batch.image_ids.tolist()]
         results.append(to_coco_array(detections, ids, batch.orig_sizes, label_to_category))
         seen_ids.extend(ids)
-    losses = _gather_val_loss({k: float(v) for k, v in loss_sums.items()}, loss_images) if val_loss else None
-    gathered = gather_results(np.concatenate(results) if results else np.zeros((0, 7)), seen_ids)
+    # The val-loss sums travel with the detections: one collective per evaluation.
+    sums = ({k: float(v) for k, v in loss_sums.items()}, loss_images) if val_loss else None
+    gathered = gather_results(np.concatenate(results) if results else np.zeros((0, 7)), seen_ids, extra=sums)
     if gathered is None:
         return None
-    all_results, all_ids, images_per_rank = gathered
+    all_results, all_ids, images_per_rank, rank_sums = gathered
+    losses = _val_loss_terms(rank_sums) if val_loss else None
     if sum(images_per_rank) != len(all_ids):
         print(f"WARNING: evaluation: the ranks inferred {sum(images_per_rank)} images for {len(all_ids)} distinct "
               "ones; duplicates were counted once", file=sys.stderr, flush=True)
@@ -564,18 +566,9 @@ def evaluate(
     return scored(inference, evaluator.evaluate(inference.results, inference.image_ids))
 
 
-def _gather_val_loss(sums: dict[str, float], images: int) -> dict[str, float] | None:
-    """Per-term val loss over every rank's images, on rank 0 (None elsewhere): sum(term x images) /
-    sum(images). ``sums`` holds this rank's image-weighted term sums, ``images`` its image count."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object((sums, images), parts, dst=0)
-        if dist.get_rank() != 0:
-            return None
-    else:
-        parts = [(sums, images)]
+def _val_loss_terms(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """Per-term val loss over every rank's images: sum(term x images) / sum(images). Each part is
+    one rank's (image-weighted term sums, image count)."""
     total = sum(n for _, n in parts)
     names = sorted({k for part, _ in parts for k in part})
     if total == 0:

@@ -164,26 +164,29 @@ def to_coco_array(
     return out
 
 
-def gather_results(results: "np.ndarray | list[dict]", image_ids: list[int]
-                   ) -> tuple["np.ndarray | list[dict]", list[int], list[int]] | None:
+def gather_results(results: "np.ndarray | list[dict]", image_ids: list[int], extra: object = None
+                   ) -> tuple["np.ndarray | list[dict]", list[int], list[int], list] | None:
     """Gather detections and evaluated image ids on rank 0 (None on other ranks).
 
-    ``results``: this rank's :func:`to_coco_array` rows (or COCO result dicts). Returns
-    ``(results, image_ids, images_per_rank)``: duplicates (images seen by two ranks, e.g.
-    from a padded last batch) are dropped, so every image counts exactly once whatever the
-    number of ranks; ``images_per_rank`` counts what each rank inferred.
+    ``results``: this rank's :func:`to_coco_array` rows (or COCO result dicts). ``extra``: any
+    picklable per-rank summary that travels in the same collective (the val-loss sums).
+    Returns ``(results, image_ids, images_per_rank, extras)``: duplicates (images seen by two
+    ranks, e.g. from a padded last batch) are dropped, so every image counts exactly once
+    whatever the number of ranks; ``images_per_rank`` counts what each rank inferred and
+    ``extras`` holds each rank's ``extra``, in rank order.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        parts = [(results, image_ids)]
+        parts = [(results, image_ids, extra)]
     else:
         gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object((results, image_ids), gathered, dst=0)
+        dist.gather_object((results, image_ids, extra), gathered, dst=0)
         if dist.get_rank() != 0:
             return None
         parts = gathered  # type: ignore[assignment]
-    return (*_dedupe(parts), [len(ids) for _, ids in parts])
+    return (*_dedupe([(r, ids) for r, ids, _ in parts]), [len(ids) for _, ids, _ in parts],
+            [x for _, _, x in parts])
 
 
 def _dedupe(parts: list[tuple["np.ndarray | list[dict]", list[int]]]) -> tuple["np.ndarray | list[dict]", list[int]]:
