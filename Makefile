@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # machine with more cores, PYTEST_WORKERS=4 runs the suite in 4 processes, grouped by file.
 PYTEST_WORKERS ?= 0
 
-.PHONY: all venv demo test test-demos benchmark wheelhouse gpu-check clean
+.PHONY: all venv demo test test-demos benchmark wheelhouse gpu-check gpu-check-compat clean
 
 all: test
 
@@ -81,6 +81,11 @@ gpu-check:
 	WHEELHOUSE="$(WHEELHOUSE)" OUT="$(OUT)" \
 	  PYTHON="$${GPU_CHECK_PYTHON:-$$(test -x $(VENV)/bin/python && echo $(VENV)/bin/python || echo python3)}" \
 	  scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# The check without a GPU under a GPU node's PyTorch and Python (default torch 2.11 + CUDA 13 on
+# Python 3.12, in .venv-node, ~5 GB): the wheel folder, the offline install and the --smoke steps.
+gpu-check-compat:
+	scripts/gpu_check_compat.sh $(if $(filter-out output/gpu_check,$(OUT)),$(OUT),)
 
 clean:
 	rm -rf output .pytest_cache

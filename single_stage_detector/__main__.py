@@ -214,6 +214,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         raise ConfigError(f"--amp: expected auto | off | bf16 | fp16, got {args.amp!r}")
     if args.max_samples not in (1, 50):
         raise ConfigError(f"--max-samples: MLPerf allows 1 or 50, got {args.max_samples}")
+    if args.cuda_graphs and args.amp == "fp16" and args.mode is None:
+        raise ConfigError("--cuda-graphs: cannot capture fp16's loss scaler (it skips steps on the host); "
+                          "use --amp bf16")
     require_positive(args, "--batch-size", "--iters")
     require_positive(args, "--warmup", "--num-workers", minimum=0)
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 # Shared by every family; re-exported here, where the SSD API has always had them.
 from .boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from .distributed import to_device_async
 
 __all__ = [
     "DefaultBoxSpec",
@@ -268,7 +269,8 @@ class BoxCoder:
             return None
         gt = torch.cat([b.to(device=device, dtype=torch.float32).reshape(-1, 4) for b in boxes])
         gt_labels = torch.cat([lb.to(device=device, dtype=torch.int64).reshape(-1) for lb in labels])
-        image = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor(counts)).to(device)
+        # Built on the host (the counts are host ints), moved without a host sync.
+        image = to_device_async(torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor(counts)), device)
         return gt, gt_labels, image
 
     def _match_sparse(self, gt: Tensor, image: Tensor, batch: int) -> tuple[Tensor, Tensor]:

@@ -331,7 +331,9 @@ class TrainConfig:
                                       "the graph is one whole optimiser step"),
                                      ("freeze_backbone_epochs", self.freeze_backbone_epochs > 0,
                                       "BatchNorm changes mode when the backbone thaws"),
-                                     ("multi_scale", bool(self.multi_scale), "every new input side would re-capture")):
+                                     ("multi_scale", bool(self.multi_scale), "every new input side would re-capture"),
+                                     ("optimizer", self.optimizer != "sgd", "fused AdamW refuses a capture unless "
+                                      "built capturable; the graphed step is fused SGD's (--optimizer sgd)")):
                 if value:
                     raise bad("cuda_graphs", f"cannot be combined with --{flag.replace('_', '-')}: {why}")
         if self.data_dir is None:

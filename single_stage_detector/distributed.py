@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "LaunchEnv", "launch_env", "expand_slurm_nodelist", "first_slurm_host",
            "init_distributed", "sync_batch_norm", "CpuSyncBatchNorm", "shutdown", "broadcast_seed", "seed_everything", "barrier",
-           "broadcast_float", "select_device", "cuda_unavailable_reason", "DeviceUnavailableError", "average_batch_norm_stats", "sum_over_ranks"]
+           "broadcast_float", "select_device", "to_device_async", "cuda_unavailable_reason", "DeviceUnavailableError", "average_batch_norm_stats", "sum_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,27 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
             raise DeviceUnavailableError(f"--device {requested}: {reason}")
         if device.index is None:
             device = torch.device("cuda", _local_gpu(local_rank))
+        elif device.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) are "
+                                         f"visible to this process (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (host memory) on ``device`` without a host synchronisation.
+
+    A CUDA copy from pageable host memory may wait for the stream's queued work (the driver
+    stages it through pinned memory), which would make the host wait for the previous
+    training step every step; a small per-step tensor (targets, an index) is therefore pinned
+    first (torch's caching host allocator: no allocation after the first steps) and copied
+    with ``non_blocking=True``. Other devices: a plain ``.to``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class DeviceUnavailableError(RuntimeError):

@@ -127,9 +127,10 @@ class CudaGraphTrainStep(TrainStep):
     """:class:`TrainStep` captured once as a CUDA graph and replayed: one launch per step.
 
     The first ``warmup`` calls run eager steps on a side stream (required before capture:
-    autograd and cuDNN set themselves up on them); the next call captures forward, loss,
-    backward, the optional gradient clipping and the optimiser step for the shapes of that
-    call, then replays it. Every call is one real training step on its own inputs. Later calls
+    autograd, cuDNN's autotuning and the optimiser's momentum buffers set themselves up on
+    them); the next call whose shapes a warm-up step ran (another shape: one more warm-up
+    step) captures forward, loss, backward, the optional gradient clipping and the optimiser
+    step for those shapes, then replays it. Every call is one real training step on its own inputs. Later calls
     with the same shapes, dtypes and strides copy the inputs into the graph's static buffers
     and replay; any other shape (e.g. an epoch's last, smaller batch) runs the eager step
     instead and is counted in ``fallbacks``.
@@ -142,8 +143,10 @@ class CudaGraphTrainStep(TrainStep):
     ``encode_targets`` (see :class:`TrainStep`) runs eagerly, outside the graph.
 
     Raises:
-        ValueError: on a non-CUDA device or with an fp16 ``scaler`` (its step skips are host
-            decisions, which a graph cannot take; use bf16).
+        ValueError: on a non-CUDA device, with an fp16 ``scaler`` (its step skips are host
+            decisions, which a graph cannot take; use bf16), or ``warmup`` < 1 (a captured
+            first SGD step would allocate the momentum buffers inside the graph and every
+            replay would run without momentum).
     """
 
     def __init__(self, detector: nn.Module, optimizer: torch.optim.Optimizer,
@@ -153,6 +156,8 @@ class CudaGraphTrainStep(TrainStep):
                  encode_targets: Callable[[list, list], tuple[Tensor, Tensor]] | None = None) -> None:
         if scaler is not None:
             raise ValueError("CUDA graphs: fp16 loss scaling cannot be captured; use bf16")
+        if warmup < 1:
+            raise ValueError(f"CUDA graphs: warmup must be at least 1 eager step, got {warmup}")
         super().__init__(detector, optimizer, autocast, None, clip_grad_norm=clip_grad_norm,
                          encode_targets=encode_targets)
         self.warmup = warmup
@@ -163,6 +168,7 @@ class CudaGraphTrainStep(TrainStep):
         self._key: tuple | None = None
         self._static: tuple[Tensor, Tensor, Tensor] | None = None
         self._losses: dict[str, Tensor] = {}
+        self._warmed: set[tuple] = set()  # the input signatures the warm-up steps ran
 
     @staticmethod
     def _signature(*tensors: Tensor) -> tuple:
@@ -176,6 +182,7 @@ class CudaGraphTrainStep(TrainStep):
             losses = self._eager(images, loc_t, labels_t)
         main.wait_stream(side)
         self.warmup_steps += 1
+        self._warmed.add(self._signature(images, loc_t, labels_t))
         return losses
 
     def _capture(self, images: Tensor, loc_t: Tensor, labels_t: Tensor) -> None:
@@ -183,7 +190,9 @@ class CudaGraphTrainStep(TrainStep):
         torch.cuda.current_stream(images.device).synchronize()  # once: the warm-up's work is done
         self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a CUDA call from another thread (the DataLoader's pin-memory thread)
+        # during the capture is that thread's own business, not an error of the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             losses = self._forward_backward(*self._static)
             optimizer_step(self.optimizer, None, self.clip_grad_norm, zero_grad=False)
         self._losses = {k: v.detach() for k, v in losses.items()}
@@ -194,7 +203,9 @@ class CudaGraphTrainStep(TrainStep):
         if self._graph is None:
             if images.device.type != "cuda":
                 raise ValueError(f"CUDA graphs need CUDA tensors, got {images.device}")
-            if self.warmup_steps < self.warmup:
+            # Captured only on shapes a warm-up step ran: cuDNN autotunes a new shape on its
+            # first use, and that synchronises, which a capture forbids.
+            if self.warmup_steps < self.warmup or self._signature(images, loc_t, labels_t) not in self._warmed:
                 return self._warmup_step(images, loc_t, labels_t)
             self._capture(images, loc_t, labels_t)  # records the step; the replay below runs it
         elif self._signature(images, loc_t, labels_t) != self._key:

@@ -59,6 +59,8 @@ CASES = [
     ("benchmark-unknown-device", "benchmark --device tpu", "--device"),
     ("benchmark-range", "benchmark --iters 0", "--iters"),
     ("benchmark-choice", "benchmark --parts everything", "--parts"),
+    ("benchmark-cuda-graphs-fp16", "benchmark --cuda-graphs --amp fp16", "--cuda-graphs"),
+    ("train-device-index", "train --device cuda:99 --data-dir {d}/folder", "--device cuda:99"),
     ("evaluate-missing", "evaluate {d}/none.pt", "{d}/none.pt"),
     ("evaluate-log-as-checkpoint", "evaluate {d}/notes.log", "{d}/notes.log"),
     ("evaluate-folder-as-checkpoint", "evaluate {d}/folder", "{d}/folder"),

@@ -11,7 +11,8 @@ import torch
 from cli_runner import run_cli
 from single_stage_detector.data.batch import DetectionBatch
 from single_stage_detector.detector import SSDDetector
-from single_stage_detector.distributed import DeviceUnavailableError, DistInfo, cuda_unavailable_reason, select_device
+from single_stage_detector.distributed import (DeviceUnavailableError, DistInfo, cuda_unavailable_reason, select_device,
+                                               to_device_async)
 from single_stage_detector.engine import AmpSettings, train_one_epoch
 from single_stage_detector.fast_path import (CudaGraphTrainStep, TrainStep, compile_for_training, make_sgd,
                                              optimizer_state_dict, sgd_supports_fused, use_tensor_learning_rates)
@@ -139,7 +140,8 @@ def test_cuda_graphs_flag_refusals_name_the_reason(tmp_path):
     base = ["train", "--preset", "ssd_tiny", "--synthetic", "--data-dir", str(tmp_path / "d"), "--output-dir",
             str(tmp_path / "o"), "--cuda-graphs"]
     cases = [(["--compile"], "--compile"), (["--amp", "fp16"], "--amp bf16"),
-             (["--gradient-accumulation-steps", "2"], "--gradient-accumulation-steps")]
+             (["--gradient-accumulation-steps", "2"], "--gradient-accumulation-steps"),
+             (["--optimizer", "adamw"], "--optimizer sgd")]
     if not torch.cuda.is_available():
         cases.append(([], "needs a CUDA device"))
     for extra, named in cases:
@@ -156,6 +158,24 @@ def test_cuda_graph_step_refuses_what_it_cannot_capture():
         CudaGraphTrainStep(det, opt, scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(ValueError, match="CUDA"):
         CudaGraphTrainStep(det, opt)(*_batches(det, 1)[0])
+    with pytest.raises(ValueError, match="warmup must be at least 1"):
+        CudaGraphTrainStep(det, opt, warmup=0)  # momentum buffers would be born inside the graph
+
+
+def test_small_host_tensors_reach_the_device_unchanged():
+    """``to_device_async`` (pinned, non-blocking on CUDA) and the batch's ground-truth move built on it."""
+    t = torch.arange(12, dtype=torch.float32).view(3, 4)
+    assert to_device_async(t, "cpu") is t
+    batch = _raw_batches(1)[0]
+    boxes, labels = batch.ground_truth_on("cpu")
+    for a, b in zip(boxes + labels, batch.boxes + batch.labels):
+        assert torch.equal(a, b)
+    if torch.cuda.is_available():
+        moved = to_device_async(t, "cuda")
+        assert moved.device.type == "cuda" and torch.equal(moved.cpu(), t)
+        boxes, labels = batch.ground_truth_on("cuda")
+        for a, b in zip(boxes + labels, batch.boxes + batch.labels):
+            assert a.device.type == "cuda" and torch.equal(a.cpu(), b)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -208,6 +228,73 @@ def test_cuda_graph_step_equals_eager_and_falls_back_on_new_shapes():
 
 
 @needs_cuda
+def test_cuda_graph_step_captures_only_a_shape_its_warm_up_ran():
+    """A shape that first appears after the warm-up (an epoch's smaller last batch) gets an eager
+    warm-up step, not the capture: cuDNN's autotuning of a new shape synchronises, which a capture
+    forbids. The next call with a warmed shape captures; every step still trains as eager does."""
+    cuda = torch.device("cuda")
+    ref, det = _tiny("cuda"), _tiny("cuda")
+    full = _batches(ref, 3, device="cuda")
+    small = _batches(ref, 2, batch=1, device="cuda", seed=5)
+    order = [full[0], small[0], full[1], small[1], full[2]]
+    fp32 = AmpSettings.resolve("off", cuda)
+    eager = TrainStep(ref, make_sgd(ref.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4, device=cuda),
+                      fp32.autocast)
+    graphed = CudaGraphTrainStep(det, make_sgd(det.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4,
+                                               device=cuda), fp32.autocast, warmup=1)
+    want, got = _losses(eager, order), _losses(graphed, order)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=1e-4)
+    # full: warm-up; small: not warmed, one more warm-up; full: captured + replayed;
+    # small: a shape other than the graph's, eager; full: replayed.
+    assert (graphed.warmup_steps, graphed.replays, graphed.fallbacks) == (2, 2, 1)
+
+
+@needs_cuda
+def test_a_training_step_from_a_pinned_loader_batch_makes_no_host_sync():
+    """The eager step as ``train_one_epoch`` runs it on a GPU (a pinned loader batch of uint8 images
+    and raw boxes moved to the device and normalised there, the LR written into tensor LRs, targets
+    encoded on the device inside the forward, bf16, backward, clipping, fused SGD, the non-finite
+    record): torch's sync debug mode raises on any host synchronisation in it."""
+    from single_stage_detector.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from single_stage_detector.engine import backward, optimizer_step
+    from single_stage_detector.losses import FiniteLossMonitor
+    from single_stage_detector.recipe import set_learning_rate
+
+    cuda = torch.device("cuda")
+    det = _tiny("cuda")
+    opt = make_sgd(det.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, device=cuda)
+    use_tensor_learning_rates(opt, cuda)
+    bf16 = AmpSettings.resolve("bf16", cuda)
+    finite = FiniteLossMonitor(immediate=False)
+    g = torch.Generator().manual_seed(3)
+    loader_batches = []
+    for raw in _raw_batches(4):
+        raw.images = torch.randint(0, 256, raw.images.shape, dtype=torch.uint8, generator=g)
+        raw.normalization = (IMAGENET_MEAN, IMAGENET_STD)
+        loader_batches.append(raw.pin_memory())  # as the DataLoader's pin-memory thread does
+
+    def step(i, raw):
+        batch = raw.to(cuda)
+        set_learning_rate(opt, 0.01 * (i + 1))
+        with bf16.autocast():
+            losses = det(batch.images, batch.targets())
+        finite.update(losses, i + 1)
+        backward(sum(losses.values()), None)
+        optimizer_step(opt, None, 2.0)
+
+    for i, raw in enumerate(loader_batches[:2]):  # cuDNN's autotuning and the first pinned blocks
+        step(i, raw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, raw in enumerate(loader_batches[2:], start=2):
+            step(i, raw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    finite.check()
+
+
+@needs_cuda
 def test_bf16_channels_last_step_on_cuda_trains():
     cuda = torch.device("cuda")
     det = _tiny("cuda").to(memory_format=torch.channels_last)
@@ -234,15 +321,16 @@ def test_non_finite_loss_on_cuda_stops_at_a_check_naming_the_step(small_coco, tm
 
 @needs_cuda
 def test_train_with_cuda_graphs_gives_the_eager_losses(small_coco, tmp_path):
-    """``train --cuda-graphs`` (ssd_tiny, bf16, 2 epochs of 8 steps): the captured step replays
-    from the fourth step on, and every logged loss matches the eager run's."""
+    """``train --cuda-graphs`` (ssd_tiny, bf16, 2 epochs of 8 steps, 2 loader workers whose batches
+    the pin-memory thread pins while the step is captured): the captured step replays from the
+    fourth step on, and every logged loss matches the eager run's."""
     import json
 
     losses, outs = {}, {}
     for graphs in (False, True):
         out = tmp_path / ("graphs" if graphs else "eager")
         proc = run_cli(["train", "--device", "cuda", "--preset", "ssd_tiny", "--data-dir", str(small_coco),
-                        "--output-dir", str(out), "--batch-size", "8", "--eval-batch-size", "8", "--num-workers", "0",
+                        "--output-dir", str(out), "--batch-size", "8", "--eval-batch-size", "8", "--num-workers", "2",
                         "--no-save-checkpoint", "--seed", "1", "--epochs", "2", "--eval-every", "2", "--log-every", "1",
                         "--amp", "bf16", "--clip-grad-norm", "10"] + (["--cuda-graphs"] if graphs else []),
                        timeout=600, cwd=tmp_path)

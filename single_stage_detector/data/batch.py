@@ -55,9 +55,13 @@ class DetectionBatch:
         if not self.boxes:
             return [], []
         counts = [int(b.shape[0]) for b in self.boxes]
-        boxes = torch.cat(self.boxes).to(device, non_blocking=non_blocking).split(counts)
-        labels = torch.cat(self.labels).to(device, non_blocking=non_blocking).split(counts)
-        return list(boxes), list(labels)
+        if non_blocking:  # pinned first on CUDA: a copy from pageable memory may wait for the stream
+            from ..distributed import to_device_async
+
+            boxes, labels = (to_device_async(torch.cat(t), device) for t in (self.boxes, self.labels))
+        else:
+            boxes, labels = (torch.cat(t).to(device) for t in (self.boxes, self.labels))
+        return list(boxes.split(counts)), list(labels.split(counts))
 
     def to(self, device: torch.device | str, non_blocking: bool = True,
            memory_format: torch.memory_format = torch.contiguous_format) -> "DetectionBatch":

@@ -15,6 +15,7 @@ epochs, and does not depend on the worker that loads a sample.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Protocol
 
@@ -317,9 +318,11 @@ def resize(image: Image.Image, size: int, box: tuple[float, float, float, float]
     return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
+@functools.lru_cache(maxsize=16)
 def _normalization_constants(mean: tuple[float, ...], std: tuple[float, ...],
                              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """``(255 mean, 1 / (255 std))`` as float32 ``Tensor[3, 1, 1]`` on ``device``."""
+    """``(255 mean, 1 / (255 std))`` as float32 ``Tensor[3, 1, 1]`` on ``device``; made once per
+    device (a copy to a GPU every batch would make the host wait for the stream). Read-only."""
     return (torch.tensor(mean).mul(255.0).view(3, 1, 1).to(device),
             torch.tensor(std).mul(255.0).reciprocal().view(3, 1, 1).to(device))
 
@@ -354,7 +357,7 @@ def normalize_images(images: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
     if images.dtype != torch.uint8 or images.dim() < 3 or images.shape[-3] != 3:
         raise ValueError(f"normalize_images: expected uint8 images [..., 3, H, W], got {images.dtype} "
                          f"{tuple(images.shape)}")
-    mean_255, inv_std_255 = _normalization_constants(mean, std, images.device)
+    mean_255, inv_std_255 = _normalization_constants(tuple(mean), tuple(std), images.device)
     with single_thread_on_cpu(images.device):
         return images.float().sub_(mean_255).mul_(inv_std_255)
 
