@@ -564,7 +564,7 @@ def test_crop_handles_near_zero_width_box():
 
 
 _WORKER_SIGNAL_SCRIPT = r"""
-import os, signal, sys, time
+import subprocess, sys, time
 from single_stage_detector.data.coco import CocoDetection
 from single_stage_detector.data.loader import build_train_loader
 from single_stage_detector.data.transforms import SSDTrainTransform
@@ -574,10 +574,13 @@ it = iter(loader)
 next(it)
 next(it)  # batches 0 and 1 come from workers 0 and 1: both have set their signal handlers
 workers = [w.pid for w in it._workers]
-os.kill(workers[0], signal.SIGTERM)  # as a job-wide SIGTERM reaches the workers: ignored
-os.kill(workers[1], signal.SIGINT)   # Ctrl-C of the terminal's process group: ignored
+# Sent by another process, as a job-wide SIGTERM (SLURM) or a terminal's Ctrl-C reaches the
+# workers (a SIGTERM from this process, their parent, is the DataLoader's own stop and ends them).
+subprocess.run(["kill", "-s", "TERM", str(workers[0])], check=True)
+subprocess.run(["kill", "-s", "INT", str(workers[1])], check=True)
 time.sleep(1.0)
-next(it)  # both workers still serve batches
+assert all(w.is_alive() for w in it._workers), [w.exitcode for w in it._workers]
+next(it)  # the loader still serves
 print("alive", flush=True)
 # Leave with the iterator open: multiprocessing's exit handler terminates the workers
 # (SIGTERM from their parent), which must end them.
