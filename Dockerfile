@@ -27,11 +27,12 @@ WORKDIR /workspace/ssd
 
 # Only what the base image lacks; torch, torchvision, numpy, pillow and DALI stay the
 # base image's own builds (the package itself goes in with --no-deps below). The checker
-# version is pinned; pycocotools and matplotlib (plots of the log tools) take a lower bound
+# version is pinned; pycocotools, faster-coco-eval and matplotlib (plots of the log tools) take a lower bound
 # so that a copy the base image (or its pip constraint file) already has is kept.
 RUN pip install --no-cache-dir \
         "mlperf-logging==4.1.68" \
         "pycocotools>=2.0.7" \
+        "faster-coco-eval>=1.8" \
         "matplotlib>=3.7"
 
 COPY . /workspace/ssd
@@ -39,6 +40,6 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation /workspace/ssd \
     && chmod -R a+rX /workspace/ssd \
     && mkdir -p /data /results /backbone /tmp/.cache \
     && chmod 1777 /results /tmp/.cache \
-    && python -c "import single_stage_detector, mlperf_logging, pycocotools"
+    && python -c "import single_stage_detector, mlperf_logging, pycocotools, faster_coco_eval"
 
 CMD ["/bin/bash"]

@@ -53,7 +53,8 @@ if [[ -n "${WHEELHOUSE:-}" ]]; then
     # Only what this interpreter lacks, each without dependencies (the list is closed under
     # what the check imports), so nothing the node has is shadowed.
     missing=()
-    for spec in numpy:numpy PIL:pillow pycocotools:pycocotools mlperf_logging:mlperf-logging yaml:pyyaml \
+    for spec in numpy:numpy PIL:pillow pycocotools:pycocotools faster_coco_eval:faster-coco-eval \
+                mlperf_logging:mlperf-logging yaml:pyyaml \
                 pytest:pytest iniconfig:iniconfig pluggy:pluggy packaging:packaging pygments:pygments; do
         "${PYTHON}" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
     done

@@ -5,7 +5,7 @@
 #
 #   scripts/make_wheelhouse.sh DEST PY_VERSION        (make wheelhouse PY=3.12)
 #
-# DEST gets: numpy, pillow, pycocotools, mlperf-logging (+ pyyaml, all its compliance checker
+# DEST gets: numpy, pillow, pycocotools, faster-coco-eval, mlperf-logging (+ pyyaml, all its compliance checker
 # imports), pytest (+ iniconfig, pluggy, packaging, pygments): about 20 MB. Each without its
 # dependencies (the list is complete for what the check imports; mlperf-logging's pandas and
 # scipy serve tools the check does not run).
@@ -41,7 +41,7 @@ target=(--only-binary=:all: --python-version "${py_version}" --implementation cp
         --disable-pip-version-check --dest "${dest}")
 mkdir -p "${dest}"
 "${pip[@]}" download "${target[@]}" --no-deps \
-    numpy pillow pycocotools mlperf-logging pyyaml pytest iniconfig pluggy packaging pygments
+    numpy pillow pycocotools faster-coco-eval mlperf-logging pyyaml pytest iniconfig pluggy packaging pygments
 if [[ -n "${TORCHVISION:-}" ]]; then
     index=()
     [[ -n "${TORCHVISION_INDEX:-}" ]] && index=(--index-url "${TORCHVISION_INDEX}")

@@ -23,14 +23,14 @@ __all__ = ["AsyncScorer"]
 _EVALUATOR: CocoEvaluator | None = None
 
 
-def _init_worker(annotation_file: str) -> None:
+def _init_worker(annotation_file: str, backend: str) -> None:
     global _EVALUATOR
     # A terminal's Ctrl-C or a job-wide SIGTERM is the trainer's to handle: it finishes the step,
     # collects the pending scoring and then stops this process (which also ends when its parent dies:
     # the call queue closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _EVALUATOR = CocoEvaluator(annotation_file)
+    _EVALUATOR = CocoEvaluator(annotation_file, backend=backend)
 
 
 def _score(results: np.ndarray, image_ids: list[int]) -> EvalResult:
@@ -39,7 +39,8 @@ def _score(results: np.ndarray, image_ids: list[int]) -> EvalResult:
 
 
 class AsyncScorer:
-    """COCO evaluation of ``annotation_file`` in one background process.
+    """COCO evaluation of ``annotation_file`` in one background process, by the scorer
+    ``backend`` (:class:`~.evaluation.CocoEvaluator`'s: auto | pycocotools | faster-coco-eval).
 
     :meth:`submit` returns at once with a ``Future`` of the :class:`EvalResult` (its
     ``result()`` re-raises the scorer's errors, e.g. ``UndefinedAPError``); scorings run one
@@ -47,10 +48,11 @@ class AsyncScorer:
     but the current scoring when ``wait``).
     """
 
-    def __init__(self, annotation_file: str | Path) -> None:
+    def __init__(self, annotation_file: str | Path, backend: str = "auto") -> None:
         self.annotation_file = str(annotation_file)
+        self.backend = backend
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(self.annotation_file,))
+                                         initializer=_init_worker, initargs=(self.annotation_file, backend))
 
     def submit(self, results: np.ndarray, image_ids: list[int]) -> Future:
         """Score ``results`` (``float64[K, 7]``, :func:`~.evaluation.to_coco_array` rows) over ``image_ids``."""

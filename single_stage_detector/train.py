@@ -35,7 +35,7 @@ from .distributed import (DistInfo, average_batch_norm_stats, barrier, broadcast
                           init_distributed, seed_everything, shutdown, sum_over_ranks, sync_batch_norm)
 from .engine import (AmpSettings, Inference, MetricsWriter, ShardedEvalResult, infer, multi_scale_size, scored,
                      train_one_epoch)
-from .evaluation import CocoEvaluator, UndefinedAPError
+from .evaluation import CocoEvaluator, UndefinedAPError, resolve_coco_eval_backend
 from .fast_path import (CudaGraphTrainStep, compile_for_training, enable_cudnn_autotune, optimizer_state_dict,
                         use_tensor_learning_rates)
 from .mlperf_log import RESUMED_KEY, C, MLPerfLogger, move_aside
@@ -378,6 +378,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                                 log_file)
     derived["family"] = family.name
     derived["async_eval"] = cfg.resolved_async_eval(info.device.type)
+    derived["coco_eval"] = resolve_coco_eval_backend(cfg.coco_eval)
     derived["val_loss"] = cfg.resolved_val_loss(preset.is_benchmark)
     derived["eval_policy"] = getattr(detector, "eval_policy", None)
     if resumed is not None:
@@ -474,7 +475,7 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         if resumed is None:
             mlog.event(C.TRAIN_SAMPLES, data.train_samples)
             mlog.event(C.EVAL_SAMPLES, data.eval_samples)
-        evaluator = CocoEvaluator(data.val_annotation_file) if info.is_main else None
+        evaluator = CocoEvaluator(data.val_annotation_file, backend=cfg.coco_eval) if info.is_main else None
         _check_val_has_ground_truth(data, evaluator, info)
         label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
         # Every image once per epoch (the last partial batch kept, as the reference): the last
@@ -500,7 +501,8 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
             f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}"
             f"{' (scored in the background while the next epoch trains)' if async_eval else ''}")
         if async_eval and info.is_main:
-            scorer = AsyncScorer(data.val_annotation_file)  # starts now, scores from the first evaluation on
+            # Starts now, scores from the first evaluation on.
+            scorer = AsyncScorer(data.val_annotation_file, backend=cfg.coco_eval)
         if resumed is not None and resumed[1]["resume"].get("pending_eval") == epochs_done and epochs_done > 0:
             # Saved while its scoring ran in the background: the restored weights are the ones it
             # evaluated, so evaluate them again (before the RNG state is restored: the uninterrupted run
@@ -732,7 +734,7 @@ def _finish_evaluation(evaluation: _Evaluation, data, evaluator, info, mlog, met
     record_ = {"epoch": epoch, "step": evaluation.step, "ap": ap, "seconds": result.seconds,
                "elapsed_s": time.time() - run_start,
                "num_images": result.num_images, "num_detections": result.num_detections,
-               "images_per_rank": result.images_per_rank,
+               "images_per_rank": result.images_per_rank, "coco_eval": result.backend,
                **{f"coco_{k}": v for k, v in result.stats.items()}}
     if evaluation.future is not None:
         record_["scored_in_background"] = True
@@ -745,5 +747,5 @@ def _finish_evaluation(evaluation: _Evaluation, data, evaluator, info, mlog, met
     background = f", scored in the background (waited {waited:.1f} s)" if evaluation.future is not None else ""
     say(f"eval after epoch {epoch}: AP {ap:.4f} (AP50 {result.stats.get('AP50', float('nan')):.4f}, "
         f"VOC mAP@0.5 {result.stats.get('VOC_mAP50', float('nan')):.4f}{loss_text}, "
-        f"{result.num_images} images, {result.seconds:.1f} s{background}), target {cfg.threshold}")
+        f"{result.num_images} images, {result.seconds:.1f} s by {result.backend}{background}), target {cfg.threshold}")
     return ap, record_

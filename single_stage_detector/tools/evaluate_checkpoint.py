@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "evaluate", help="COCO AP of a checkpoint on the val split (12 COCO stats)",
-        description="Evaluate a checkpoint.pt of `train` with pycocotools on the val split of a COCO-layout "
+        description="Evaluate a checkpoint.pt of `train` (COCOeval: pycocotools or faster-coco-eval, --coco-eval) "
+                    "on the val split of a COCO-layout "
                     "folder, with the benchmark's post-processing, and print the 12 COCO stats.")
     p.add_argument("checkpoint", help="checkpoint.pt written by train / demo")
     p.add_argument("--data-dir", default=None, help="COCO-layout folder (default: the checkpoint's data_dir)")
@@ -33,6 +34,9 @@ def add_parser(sub) -> None:
                    help="evaluate at each of these input sides (multiples of 32; presets of a family with a "
                         "variable input size, YOLO) and print one row of AP, AP50, AP75, AP_S, AP_M, AP_L per "
                         "size (default: the checkpoint's input size only)")
+    p.add_argument("--coco-eval", default="auto", choices=("auto", "pycocotools", "faster-coco-eval"),
+                   help="COCO scorer (as train's --coco-eval): auto (faster-coco-eval when installed, else "
+                        "pycocotools) | pycocotools | faster-coco-eval; both give the same stats")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -40,14 +44,16 @@ def add_parser(sub) -> None:
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLike, *, batch_size: int = 32,
                         num_workers: int = 2, max_images: int | None = None, all_images: bool = False,
                         device: str = "auto", amp: str = "auto", clip_boxes: bool = False,
-                        data_backend: str = "torch", input_size: int | None = None, val_loss: bool = False):
+                        data_backend: str = "torch", input_size: int | None = None, val_loss: bool = False,
+                        coco_eval: str = "auto"):
     """The :class:`~single_stage_detector.evaluation.EvalResult` of ``checkpoint`` on ``data_dir``'s val split.
 
     ``amp`` is the evaluation precision (``auto``: fp32, as ``train --eval-amp``);
     ``clip_boxes`` clips the detections to the image after NMS (default: the reference's
     unclipped boxes); ``input_size``: evaluate at this input side instead of the checkpoint's
     (ConfigError naming ``--input-sizes`` for a family with a fixed input size); ``val_loss``:
-    also the training loss on the val images (``val_loss``, ``val_loss_terms`` of the result).
+    also the training loss on the val images (``val_loss``, ``val_loss_terms`` of the result);
+    ``coco_eval``: the COCO scorer, auto | pycocotools | faster-coco-eval (``backend`` of the result).
     """
     import torch
 
@@ -80,7 +86,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, data_dir: str | os
     val = build_eval_input(cfg, input_size=preset.input_size, device=dev, eval_transform=family.eval_transform(preset))
     label_to_category = torch.tensor([0] + list(COCO_CATEGORY_IDS), dtype=torch.int64)
     try:
-        result = evaluate(detector, val.loader, CocoEvaluator(val.annotation_file), label_to_category,
+        evaluator = CocoEvaluator(val.annotation_file, backend=coco_eval)
+        result = evaluate(detector, val.loader, evaluator, label_to_category,
                           amp=AmpSettings.resolve_eval(amp, dev), info=DistInfo(device=dev), val_loss=val_loss)
         result.policy = getattr(detector, "eval_policy", None)
         return result
@@ -128,7 +135,7 @@ def _run_sizes(args: argparse.Namespace, ckpt: dict, data_dir: str) -> int:
             results.append((size, evaluate_checkpoint(
                 ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers, max_images=args.max_images,
                 all_images=args.all_images, device=args.device, amp=args.amp, clip_boxes=args.clip_boxes,
-                data_backend=args.data_backend, input_size=size)))
+                data_backend=args.data_backend, input_size=size, coco_eval=args.coco_eval)))
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir),
                           "sizes": [{"input_size": size, "ap": r.ap, "num_images": r.num_images,
@@ -169,15 +176,16 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers,
                                      max_images=args.max_images, all_images=args.all_images, device=args.device,
                                      amp=args.amp, clip_boxes=args.clip_boxes, data_backend=args.data_backend,
-                                     val_loss=True)
+                                     val_loss=True, coco_eval=args.coco_eval)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir), "ap": result.ap,
                           "num_images": result.num_images, "num_detections": result.num_detections,
-                          "seconds": result.seconds, "stats": result.stats, "policy": result.policy,
+                          "seconds": result.seconds, "coco_eval": result.backend, "stats": result.stats,
+                          "policy": result.policy,
                           "val_loss": result.val_loss, "val_loss_terms": result.val_loss_terms}))
         return 0
     print(f"{args.checkpoint} on {data_dir}: {result.num_images} images, {result.num_detections} detections, "
-          f"{result.seconds:.1f} s")
+          f"{result.seconds:.1f} s (scored by {result.backend})")
     for name, value in result.stats.items():
         print(f"  {name:<10} {value:.4f}")
     if result.val_loss is not None:
