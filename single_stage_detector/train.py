@@ -734,7 +734,7 @@ def _finish_evaluation(evaluation: _Evaluation, data, evaluator, info, mlog, met
     record_ = {"epoch": epoch, "step": evaluation.step, "ap": ap, "seconds": result.seconds,
                "elapsed_s": time.time() - run_start,
                "num_images": result.num_images, "num_detections": result.num_detections,
-               "images_per_rank": result.images_per_rank, "coco_eval": result.backend,
+               "images_per_rank": result.images_per_rank, "scorer": result.backend,
                **{f"coco_{k}": v for k, v in result.stats.items()}}
     if evaluation.future is not None:
         record_["scored_in_background"] = True
