@@ -197,15 +197,8 @@ def test_malformed_ground_truth_entry_names_the_file_and_entry(tmp_path):
         CocoEvaluator(tmp_path / "gt.json")
 
 
-def test_voc_map50_hand_computed_beside_coco_ap50(tmp_path):
-    """VOC all-point interpolation on COCOeval's matches at IoU 0.5, a crowd match ignored.
-
-    Class 1 (person): 2 ground truths; detections by score: TP (0.9), FP (0.8), TP (0.7).
-    Precision-recall points (R 0.5, P 1), (0.5, 1/2), (1, 2/3); envelope 1 up to R 0.5, then 2/3:
-    AP = 0.5 x 1 + 0.5 x 2/3 = 5/6 (COCO's 101-point AP50 is (51 x 1 + 50 x 2/3) / 101 = 0.835).
-    Class 13 (stop sign): 1 ground truth and 1 crowd box; the detection on the crowd box is
-    ignored, the other is a TP: AP 1. mAP = (5/6 + 1) / 2.
-    """
+def _voc_hand_made():
+    """Two images, classes 1 and 13 with a crowd box, and five detections (the VOC test's)."""
     gt = {
         "images": [{"id": 1, "height": 100, "width": 200}, {"id": 2, "height": 100, "width": 200}],
         "annotations": [
@@ -216,7 +209,6 @@ def test_voc_map50_hand_computed_beside_coco_ap50(tmp_path):
         ],
         "categories": [{"id": 1, "name": "person"}, {"id": 13, "name": "stop sign"}],
     }
-    (tmp_path / "gt.json").write_text(json.dumps(gt))
     results = [
         {"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "score": 0.9},    # TP
         {"image_id": 1, "category_id": 1, "bbox": [150, 60, 30, 30], "score": 0.8},   # FP
@@ -224,6 +216,20 @@ def test_voc_map50_hand_computed_beside_coco_ap50(tmp_path):
         {"image_id": 1, "category_id": 13, "bbox": [100, 20, 60, 60], "score": 0.6},  # TP
         {"image_id": 2, "category_id": 13, "bbox": [0, 0, 80, 80], "score": 0.95},    # on the crowd box
     ]
+    return gt, results
+
+
+def test_voc_map50_hand_computed_beside_coco_ap50(tmp_path):
+    """VOC all-point interpolation on COCOeval's matches at IoU 0.5, a crowd match ignored.
+
+    Class 1 (person): 2 ground truths; detections by score: TP (0.9), FP (0.8), TP (0.7).
+    Precision-recall points (R 0.5, P 1), (0.5, 1/2), (1, 2/3); envelope 1 up to R 0.5, then 2/3:
+    AP = 0.5 x 1 + 0.5 x 2/3 = 5/6 (COCO's 101-point AP50 is (51 x 1 + 50 x 2/3) / 101 = 0.835).
+    Class 13 (stop sign): 1 ground truth and 1 crowd box; the detection on the crowd box is
+    ignored, the other is a TP: AP 1. mAP = (5/6 + 1) / 2.
+    """
+    gt, results = _voc_hand_made()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
     res = CocoEvaluator(tmp_path / "gt.json").evaluate(results)
     assert res.stats["VOC_mAP50"] == pytest.approx((5 / 6 + 1.0) / 2, abs=1e-12)
     assert res.stats["AP50"] == pytest.approx(((51 + 50 * 2 / 3) / 101 + 1.0) / 2, abs=1e-6)
@@ -322,25 +328,9 @@ def _single_image():
 
 
 def _existing_hand_made():
-    """The hand-made ground truth and detections of the tests above (as dicts)."""
-    gt = {
-        "images": [{"id": 1, "height": 100, "width": 200}, {"id": 2, "height": 100, "width": 200}],
-        "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0},
-            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [100, 20, 40, 60], "area": 2400, "iscrowd": 0},
-            {"id": 3, "image_id": 1, "category_id": 13, "bbox": [100, 20, 60, 60], "area": 3600, "iscrowd": 0},
-            {"id": 4, "image_id": 2, "category_id": 13, "bbox": [0, 0, 80, 80], "area": 6400, "iscrowd": 1},
-        ],
-        "categories": [{"id": 1, "name": "person"}, {"id": 13, "name": "stop sign"}],
-    }
-    results = [
-        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 40], "score": 0.9},
-        {"image_id": 1, "category_id": 1, "bbox": [150, 60, 30, 30], "score": 0.8},
-        {"image_id": 2, "category_id": 1, "bbox": [100, 20, 40, 60], "score": 0.7},
-        {"image_id": 1, "category_id": 13, "bbox": [100, 20, 60, 60], "score": 0.6},
-        {"image_id": 2, "category_id": 13, "bbox": [0, 0, 80, 80], "score": 0.95},
-        {"image_id": 1, "category_id": 1, "bbox": [110, 30, 60, 60], "score": 0.7},
-    ]
+    """The VOC test's hand-made data plus a second class-1 detection overlapping the stop sign."""
+    gt, results = _voc_hand_made()
+    results.append({"image_id": 1, "category_id": 1, "bbox": [110, 30, 60, 60], "score": 0.7})
     return gt, results
 
 
