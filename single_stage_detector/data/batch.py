@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..distributed import to_device_async
+
 
 @dataclass
 class DetectionBatch:
@@ -56,8 +58,6 @@ class DetectionBatch:
             return [], []
         counts = [int(b.shape[0]) for b in self.boxes]
         if non_blocking:  # pinned first on CUDA: a copy from pageable memory may wait for the stream
-            from ..distributed import to_device_async
-
             boxes, labels = (to_device_async(torch.cat(t), device) for t in (self.boxes, self.labels))
         else:
             boxes, labels = (torch.cat(t).to(device) for t in (self.boxes, self.labels))
