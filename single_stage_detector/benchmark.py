@@ -56,8 +56,8 @@ def add_benchmark_arguments(p: argparse.ArgumentParser) -> None:
                    help="a named fast-path mode; sets --amp, --channels-last, --fused-sgd, --compile, --cuda-graphs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows and settings as JSON")
     p.add_argument("--data-dir", default=None,
-                   help="dataset for the data part (default: data/synthetic, generated if missing; "
-                        "data/photos with --photos)")
+                   help="dataset for the data part (default: data/synthetic; the synthetic dataset is "
+                        "generated into it when missing or empty; data/photos with --photos)")
     p.add_argument("--photos", action="store_true",
                    help="time the data part on real photographs: scikit-image's sample photos cropped and "
                         "re-encoded as 640-pixel COCO-like JPEGs with COCO-like boxes (needs scikit-image)")
@@ -255,7 +255,10 @@ def _data_part_dataset(args: argparse.Namespace, images: int) -> str:
               "per image, longer side 640", flush=True)
         return root
     root = args.data_dir if args.data_dir is not None else "data/synthetic"
-    if not os.path.isdir(os.path.join(root, "annotations")) and "synthetic" in root:
+    # Generated into a folder named "synthetic" without annotations, and into a missing or empty
+    # --data-dir (gpu_check's, when its training run did not get as far as generating it there).
+    fresh = not os.path.isdir(root) or not any(os.scandir(root))
+    if not os.path.isdir(os.path.join(root, "annotations")) and ("synthetic" in str(root) or fresh):
         from .data.synthetic import ensure_synthetic_coco
 
         ensure_synthetic_coco(root)

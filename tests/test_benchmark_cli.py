@@ -53,3 +53,25 @@ def test_data_part_on_real_photos_through_both_backends(tmp_path):
         assert any("dali cpu, 1 threads) + encoding" in ln for ln in rows), out
     assert all(float(ln.split()[-1]) > 0 for ln in rows)
     assert len(list((photos / "train2017").glob("*.jpg"))) == 256
+
+
+def test_data_part_generates_the_synthetic_dataset_into_a_missing_or_empty_folder(tmp_path, monkeypatch):
+    """``--data-dir`` of the data part (gpu_check's dali_gpu step): the synthetic dataset is made
+    there when the folder is missing or empty, whatever its name; a folder with files is read as is."""
+    import argparse
+
+    import single_stage_detector.data.synthetic as synthetic
+    from single_stage_detector.benchmark import _data_part_dataset
+
+    made = []
+    monkeypatch.setattr(synthetic, "ensure_synthetic_coco", lambda root, **kw: made.append(str(root)))
+    for root in (tmp_path / "gc_data", tmp_path / "empty"):
+        if root.name == "empty":
+            root.mkdir()
+        args = argparse.Namespace(photos=False, data_dir=str(root))
+        assert _data_part_dataset(args, 100) == str(root)
+    assert made == [str(tmp_path / "gc_data"), str(tmp_path / "empty")]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README").write_text("not a dataset")
+    _data_part_dataset(argparse.Namespace(photos=False, data_dir=str(tmp_path / "mine")), 100)
+    assert len(made) == 2
