@@ -137,6 +137,18 @@ def _driver_version() -> str:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def _conv_fp32_precision(torch) -> str:
+    """How cuDNN runs float32 convolutions: ``tf32`` (torch's default on Ampere and later GPUs,
+    so the ``fp32`` rows time TF32 convolutions) or ``ieee``."""
+    try:
+        value = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)  # torch >= 2.9
+        if value in ("tf32", "ieee"):
+            return value
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    except RuntimeError as e:  # legacy and new TF32 flags set inconsistently
+        return f"unknown ({str(e).splitlines()[0][:80]})"
+
+
 def environment() -> dict:
     """Versions and the GPU; ``cuda`` False with ``cuda_reason`` when no GPU is usable."""
     import torch
@@ -152,8 +164,10 @@ def environment() -> dict:
         env.update(cuda=True, gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version(),
                    compute_capability=f"{props.major}.{props.minor}", driver=_driver_version())
+    env["conv_fp32_precision"] = _conv_fp32_precision(torch)
     for mod, key in (("torchvision", "torchvision"), ("numpy", "numpy"), ("PIL", "pillow"),
-                     ("pycocotools", "pycocotools"), ("mlperf_logging", "mlperf_logging"), ("pytest", "pytest"),
+                     ("pycocotools", "pycocotools"), ("faster_coco_eval", "faster_coco_eval"),
+                     ("mlperf_logging", "mlperf_logging"), ("pytest", "pytest"),
                      ("nvidia.dali", "dali")):
         env[key] = _module_version(mod)
     return env
@@ -348,7 +362,8 @@ def markdown(env: dict, results: list[StepResult], s: Settings = Settings()) -> 
     model = "SSD300-ResNet34" if s.preset == "ssd300_resnet34" else s.preset
     gpu = f"{env['gpu']} ({env['gpu_memory_gib']} GiB)" if env["gpu"] else f"no GPU ({env['cuda_reason']})"
     lines = [f"# GPU check: {gpu}", "",
-             f"torch {env['torch']}, CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}, driver {env['driver']}, "
+             f"torch {env['torch']}, CUDA {env['torch_cuda']}, cuDNN {env['cudnn']} (float32 convolutions: "
+             f"{env.get('conv_fp32_precision', '-')}), driver {env['driver']}, "
              f"Python {env['python']}, {env['cpu_count']} CPUs; DALI: {env['dali']}; "
              f"date {time.strftime('%Y-%m-%d', time.gmtime())}", "",
              f"| {model} training step, batch {s.batch} | images/s | ms/step | peak memory (GiB) | vs fp32 eager |",

@@ -98,3 +98,13 @@ def test_the_gpu_commands_are_accepted_by_the_cli(tmp_path):
     assert bench.batch_size == 114 and bench.preset == "ssd300_resnet34" and bench.mode == "bf16-cl-graphs"
     train = parser.parse_args(cmds["training_run"][2:])
     assert train.preset == "ssd300_resnet34" and train.division == "closed" and train.epochs == 4
+
+
+def test_the_environment_names_the_float32_convolution_precision():
+    """The ``fp32`` rows time TF32 convolutions on Ampere and later GPUs (torch's default): the
+    report says which precision cuDNN's float32 convolutions use, and the versions of the scorers."""
+    from single_stage_detector.gpu_check import environment
+
+    env = environment()
+    assert env["conv_fp32_precision"] in ("tf32", "ieee")
+    assert "faster_coco_eval" in env and "pycocotools" in env
