@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .data.batch import DetectionBatch
+from .data.transforms import normalize_images
 from .distributed import DistInfo, average_batch_norm_stats
 from .evaluation import CocoEvaluator, EvalResult, gather_results, to_coco_array
 from .losses import FiniteLossMonitor
@@ -494,10 +495,13 @@ def infer(
             index = [i for i, k in enumerate(keep) if k]
             batch = DetectionBatch(images=batch.images[index], boxes=[batch.boxes[i] for i in index],
                                    labels=[batch.labels[i] for i in index], image_ids=batch.image_ids[index],
-                                   orig_sizes=batch.orig_sizes[index], valid=batch.valid[index])
+                                   orig_sizes=batch.orig_sizes[index], valid=batch.valid[index],
+                                   normalization=batch.normalization)
             if len(batch) == 0:
                 continue
         images = batch.images.to(info.device, non_blocking=True, memory_format=memory_format)
+        if batch.normalization is not None:  # uint8 from the loader (SSD's torch path)
+            images = normalize_images(images, *batch.normalization)
         with amp.autocast():
             if val_loss:
                 boxes, labels = batch.ground_truth_on(info.device)

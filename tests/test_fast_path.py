@@ -1,5 +1,6 @@
 """The fast path: torch.compile equals eager, fused SGD equals foreach SGD, the CUDA-graph
-training step equals the eager one (CUDA), and a GPU request without a usable GPU stops."""
+training step equals the eager one (CUDA), the evaluation loader's uint8 images normalised on
+the device equal the float transform's, and a GPU request without a usable GPU stops."""
 import os
 import re
 import subprocess
@@ -317,6 +318,46 @@ def test_non_finite_loss_on_cuda_stops_at_a_check_naming_the_step(small_coco, tm
     assert proc.returncode == 4, proc.stderr[-3000:]
     m = re.search(r"non-finite loss in epoch \d+ at step (\d+) \(checked steps (\d+)\.\.(\d+); .*loc=", proc.stderr)
     assert m and int(m[2]) <= int(m[1]) <= int(m[3]), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_eval_loader_sends_uint8_that_infer_normalises_to_the_same_detections(small_coco, device):
+    """The torch evaluation loader of SSD (``build_eval_input``) sends uint8 images with their
+    ImageNet ``normalization`` (a quarter of the bytes, through the workers' pipe rather than
+    shared memory, and to the GPU); ``infer`` normalises them on the device: bit for bit the
+    images of the float ``SSDEvalTransform``, so the same detections."""
+    import numpy as np
+
+    from single_stage_detector.config import TrainConfig
+    from single_stage_detector.data.coco import CocoDetection, find_coco_split
+    from single_stage_detector.data.loader import build_eval_loader
+    from single_stage_detector.data.pipeline import build_eval_input
+    from single_stage_detector.data.transforms import SSDEvalTransform
+    from single_stage_detector.engine import infer
+
+    preset, dev = get_preset("ssd_tiny"), torch.device(device)
+    cfg = TrainConfig(data_dir=str(small_coco), data_backend="torch", eval_batch_size=5, num_workers=1)
+    val = build_eval_input(cfg, input_size=preset.input_size, eval_transform=SSDEvalTransform(preset.input_size),
+                           device=dev)
+    floats = CocoDetection(*find_coco_split(small_coco, "val2017"), transform=SSDEvalTransform(preset.input_size),
+                           skip_empty=True)
+    seen = 0
+    for batch in val.loader:
+        assert batch.images.dtype == torch.uint8 and batch.normalization is not None
+        images = batch.to(dev).images.cpu()
+        for image, image_id in zip(images, batch.image_ids.tolist()):
+            assert torch.equal(image, floats[floats.image_ids.index(image_id)].image)
+            seen += 1
+    assert seen == len(floats) > 5
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=dev)
+    amp = AmpSettings.resolve_eval("off", dev)
+    detector = _tiny(device)
+    label_to_category = torch.arange(81)
+    a = infer(detector, val.loader, label_to_category, amp=amp, info=info)
+    b = infer(detector, build_eval_loader(floats, 5, num_workers=0), label_to_category, amp=amp, info=info)
+    assert a.image_ids == b.image_ids and len(a.results) > 0
+    assert np.array_equal(a.results, b.results)
+    val.close()
 
 
 @needs_cuda

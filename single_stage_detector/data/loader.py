@@ -345,14 +345,19 @@ def build_eval_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     persistent_workers: bool = False,
+    collate_fn: Callable[[Sequence[Sample | None]], DetectionBatch] = collate_detection,
 ) -> DataLoader:
-    """Sharded evaluation loader: rank r sees images r, r + W, ...; no shuffling, no padding, no drop."""
+    """Sharded evaluation loader: rank r sees images r, r + W, ...; no shuffling, no padding, no drop.
+
+    ``collate_fn``: a :class:`DetectionCollate` with a ``normalization`` for a transform that
+    returns uint8 images (normalised on the device by ``engine.evaluate``).
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=StridedShardSampler(dataset, rank, world_size),
         num_workers=num_workers,
-        collate_fn=collate_detection,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         drop_last=False,
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,

@@ -20,7 +20,7 @@ import torch
 
 from .batch import DetectionBatch
 from .coco import CocoDetection, DatasetError, DataWarning, find_coco_split
-from .loader import DetectionCollate, build_eval_loader, build_train_loader
+from .loader import DetectionCollate, build_eval_loader, build_train_loader, collate_detection
 from .transforms import SSDEvalTransform, SSDTrainTransform
 
 __all__ = ["DataPipeline", "EvalInput", "build_data_pipeline", "build_eval_input", "load_split", "train_collate"]
@@ -236,12 +236,19 @@ def build_eval_input(cfg, *, input_size: int, rank: int = 0, world_size: int = 1
 
     backend = resolve_data_backend(cfg.data_backend, device)
     if backend == "torch":
-        val_set = load_split(cfg, "val2017", rank=rank, world_size=world_size,
-                             transform=eval_transform or SSDEvalTransform(input_size), limit=cfg.max_eval_images,
-                             skip_empty=not cfg.eval_all_images)
+        transform = eval_transform or SSDEvalTransform(input_size)
+        collate = collate_detection
+        if type(transform) is SSDEvalTransform:
+            # uint8 from the workers (through their pipe, not shared memory, which a container
+            # may have little of) and to the device, a quarter of float32's bytes; evaluate()
+            # normalises on the device, bit for bit the values of the float transform.
+            transform = SSDEvalTransform(transform.size, normalize=False)
+            collate = DetectionCollate(normalization=(tuple(transform.mean), tuple(transform.std)))
+        val_set = load_split(cfg, "val2017", rank=rank, world_size=world_size, transform=transform,
+                             limit=cfg.max_eval_images, skip_empty=not cfg.eval_all_images)
         loader = build_eval_loader(val_set, cfg.eval_batch_size, num_workers=cfg.num_workers, rank=rank,
                                    world_size=world_size, persistent_workers=persistent_workers,
-                                   pin_memory=device.type == "cuda")
+                                   pin_memory=device.type == "cuda", collate_fn=collate)
         return EvalInput("torch", loader, len(val_set), val_set.annotation_file, val_set)
 
     from .dali import DaliEvalLoader

@@ -455,13 +455,25 @@ class SSDTrainTransform:
 
 
 class SSDEvalTransform:
-    """Evaluation: resize to ``size x size`` (bilinear) and normalise; boxes and labels pass through."""
+    """Evaluation: resize to ``size x size`` (bilinear) and normalise; boxes and labels pass through.
 
-    def __init__(self, size: int) -> None:
+    ``normalize=False`` returns the uint8 RGB ``Tensor[3, size, size]`` before the ImageNet
+    normalisation (``mean``, ``std``), which :func:`normalize_images` applies to the batch on
+    the evaluation device, bit for bit the same values. The torch evaluation loader sends
+    these (``build_eval_input``): a quarter of the bytes from the workers and to the GPU.
+    """
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __init__(self, size: int, normalize: bool = True) -> None:
         self.size = int(size)
+        self.normalize = normalize
 
     def __call__(self, image: Image.Image, boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return to_normalized_tensor(resize(image, self.size)), boxes.float().clamp(0.0, 1.0), labels.long()
+        image = resize(image, self.size)
+        image = to_normalized_tensor(image) if self.normalize else to_uint8_tensor(image)
+        return image, boxes.float().clamp(0.0, 1.0), labels.long()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
+        return f"{type(self).__name__}(size={self.size}, normalize={self.normalize})"
