@@ -26,9 +26,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,6 +151,20 @@ def _conv_fp32_precision(torch) -> str:
         return f"unknown ({str(e).splitlines()[0][:80]})"
 
 
+def _host_facts() -> dict:
+    """What a failing step may come down to on a bare node: the shared memory DataLoader
+    workers send float batches through (a container's default is 64 MB), and the C compiler and
+    Python headers ``torch.compile`` (Triton) builds its launchers with."""
+    try:
+        shm = round(shutil.disk_usage("/dev/shm").free / 2**30, 2)
+    except OSError:
+        shm = None
+    include = sysconfig.get_paths().get("include") or ""
+    return {"shm_free_gib": shm,
+            "c_compiler": next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None),
+            "python_headers": os.path.isfile(os.path.join(include, "Python.h"))}
+
+
 def environment() -> dict:
     """Versions and the GPU; ``cuda`` False with ``cuda_reason`` when no GPU is usable."""
     import torch
@@ -165,12 +181,26 @@ def environment() -> dict:
                    gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version(),
                    compute_capability=f"{props.major}.{props.minor}", driver=_driver_version())
     env["conv_fp32_precision"] = _conv_fp32_precision(torch)
+    env.update(_host_facts())
     for mod, key in (("torchvision", "torchvision"), ("numpy", "numpy"), ("PIL", "pillow"),
                      ("pycocotools", "pycocotools"), ("faster_coco_eval", "faster_coco_eval"),
                      ("mlperf_logging", "mlperf_logging"), ("pytest", "pytest"),
                      ("nvidia.dali", "dali")):
         env[key] = _module_version(mod)
     return env
+
+
+def _environment_in_child(log: Path) -> dict:
+    """:func:`environment`, read in a child process: this one then never initialises CUDA and
+    holds no context on the GPU while the steps run (a GPU in exclusive-process compute mode
+    admits a single process)."""
+    code = "import json; from single_stage_detector.gpu_check import environment; print(json.dumps(environment()))"
+    rc, text = _run(["-c", code], log, STEP_LIMITS_S["environment"])
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    if rc != 0 or not lines:
+        raise RuntimeError(f"gpu-check: reading the environment failed (exit status {rc}; see {log}): "
+                           f"{_last_line(text)}")
+    return json.loads(lines[-1])
 
 
 # -- running steps -------------------------------------------------------------------------
@@ -253,11 +283,12 @@ def run_check(out: Path, budget_s: float = 330.0, settings: Settings = Settings(
     results: dict[str, StepResult] = {}
 
     t0 = time.perf_counter()
-    env = environment()
+    env = _environment_in_child(out / "logs" / "environment.log")
     results["environment"] = StepResult("environment", "passed", seconds=time.perf_counter() - t0, details=env)
     gpu = env["gpu"] or "no GPU"
     print(f"gpu-check: {gpu}; torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}), "
-          f"driver {env['driver']}, python {env['python']}; DALI {env['dali']}", flush=True)
+          f"driver {env['driver']}, python {env['python']}; DALI {env['dali']}; "
+          f"/dev/shm free {env.get('shm_free_gib')} GiB; C compiler {env.get('c_compiler') or 'none'}", flush=True)
     no_cuda = env["cuda_reason"]
 
     def skip(name: str, reason: str) -> None:
@@ -365,7 +396,9 @@ def markdown(env: dict, results: list[StepResult], s: Settings = Settings()) -> 
              f"torch {env['torch']}, CUDA {env['torch_cuda']}, cuDNN {env['cudnn']} (float32 convolutions: "
              f"{env.get('conv_fp32_precision', '-')}), driver {env['driver']}, "
              f"Python {env['python']}, {env['cpu_count']} CPUs; DALI: {env['dali']}; "
-             f"date {time.strftime('%Y-%m-%d', time.gmtime())}", "",
+             f"/dev/shm free: {_fmt(env.get('shm_free_gib'), '.1f')} GiB; "
+             f"C compiler: {env.get('c_compiler') or 'none'} (Python headers: "
+             f"{'yes' if env.get('python_headers') else 'no'}); date {time.strftime('%Y-%m-%d', time.gmtime())}", "",
              f"| {model} training step, batch {s.batch} | images/s | ms/step | peak memory (GiB) | vs fp32 eager |",
              "|---|---|---|---|---|"]
     for m in BENCHMARK_MODES:

@@ -100,11 +100,23 @@ def test_the_gpu_commands_are_accepted_by_the_cli(tmp_path):
     assert train.preset == "ssd300_resnet34" and train.division == "closed" and train.epochs == 4
 
 
-def test_the_environment_names_the_float32_convolution_precision():
-    """The ``fp32`` rows time TF32 convolutions on Ampere and later GPUs (torch's default): the
-    report says which precision cuDNN's float32 convolutions use, and the versions of the scorers."""
-    from single_stage_detector.gpu_check import environment
+def test_the_environment_is_read_in_a_child_and_names_what_steps_depend_on(tmp_path):
+    """The environment comes from a child process (the check itself never holds a CUDA context);
+    it names the precision of float32 convolutions (the ``fp32`` rows time TF32 convolutions on
+    Ampere and later GPUs, torch's default), the scorers' versions, the free shared memory of
+    the loader workers and the C compiler ``torch.compile`` needs."""
+    import shutil
 
-    env = environment()
+    import pytest
+    import torch
+
+    from single_stage_detector.gpu_check import _environment_in_child
+
+    env = _environment_in_child(tmp_path / "environment.log")
     assert env["conv_fp32_precision"] in ("tf32", "ieee")
     assert "faster_coco_eval" in env and "pycocotools" in env
+    assert env["torch"] == torch.__version__ and env["cuda"] == torch.cuda.is_available()
+    assert env["shm_free_gib"] == pytest.approx(shutil.disk_usage("/dev/shm").free / 2**30, abs=0.5)
+    assert (env["c_compiler"] is not None) == any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+    assert isinstance(env["python_headers"], bool)
+    assert "print(json.dumps(environment()))" in (tmp_path / "environment.log").read_text()
