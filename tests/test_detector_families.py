@@ -43,6 +43,18 @@ def test_yolov3_target_is_below_the_published_reproduction_and_matches_its_confi
         assert (REPO / path).is_file(), path
 
 
+def test_readme_and_help_name_every_preset_and_demo():
+    from single_stage_detector.__main__ import DEMO_PRESET_DEFAULTS
+
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `--preset` |"))
+    assert all(f"`{name}`" in row for name in all_presets()), row
+    demo_row = next(line for line in readme.splitlines() if line.startswith("| `demo` |"))
+    listing = " ".join(run_cli(["--help"]).stdout.split())
+    for name in DEMO_PRESET_DEFAULTS:
+        assert name in demo_row and name in listing, name
+
+
 def test_the_documented_ssd_api_is_where_it_was():
     from single_stage_detector import boxes
     from single_stage_detector.box_coder import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
