@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="evaluation precision (as train's --eval-amp): auto (= off, fp32) | off | bf16 | fp16")
     p.add_argument("--clip-boxes", action="store_true",
-                   help="clip the detections to the image after NMS (NVIDIA v1.1); default: never clipped, "
-                        "as the reference")
+                   help="SSD presets: clip the detections to the image after NMS (NVIDIA v1.1); default: "
+                        "never clipped, as the reference. YOLO presets always clip after NMS (darknet's "
+                        "print_cocos), with or without this flag")
     p.add_argument("--data-backend", default="torch", choices=("torch", "dali", "auto"),
                    help="input pipeline reading the val split (both give the same AP; see docs/DALI.md)")
     p.add_argument("--input-sizes", type=int, nargs="+", default=None, metavar="SIZE",
