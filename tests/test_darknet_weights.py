@@ -337,3 +337,20 @@ def test_command_imports_and_exports_yolov2_and_refuses_backbone_files(tmp_path)
                     "--preset", "yolov2_resnet50"])
     assert done.returncode == 2 and "yolov2_resnet50 has no darknet layout" in done.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_backbone_file_reader_refuses_a_whole_network_in_command_line_terms(tmp_path):
+    """--pretrained-backbone given a whole-network file (yolov3.weights instead of darknet53.conv.74):
+    refused naming the backbone file and --init-checkpoint, not read_darknet_weights' allow_trailing."""
+    from single_stage_detector.detectors.yolo.darknet_weights import read_backbone_file
+
+    source, target = tiny(seed=1), tiny(seed=2)
+    whole, backbone = tmp_path / "whole.weights", tmp_path / "backbone.conv"
+    write_darknet_weights(source, whole)
+    write_darknet_weights(source, backbone, max_conv_layers=TINY_BACKBONE_CONVS)
+    before = state(target)
+    with pytest.raises(DarknetWeightsError, match="darknet53.conv.74.*--init-checkpoint") as info:
+        read_backbone_file(target, whole, max_conv_layers=TINY_BACKBONE_CONVS, backbone_file="darknet53.conv.74")
+    assert "allow_trailing" not in str(info.value) and same(before, state(target))
+    read_backbone_file(target, backbone, max_conv_layers=TINY_BACKBONE_CONVS, backbone_file="darknet53.conv.74")
+    assert same(state(source), state(target), "backbone.")
