@@ -308,3 +308,49 @@ def test_cuda_round_trip(tmp_path):
     cpu = tiny(seed=3)
     read_darknet_weights(cpu, path)  # a file written from CUDA reads on the CPU
     assert same(state(source.cpu()), state(cpu))
+
+
+def test_command_imports_and_exports_yolov2_and_refuses_backbone_files(tmp_path):
+    """``darknet-weights`` reads and writes the YOLOv2 presets of darknet layout (yolov2.weights
+    fits yolov2_darknet19), byte for byte; a backbone-only file is refused naming ``train
+    --pretrained-backbone``; a preset without a darknet layout is refused in one line."""
+    from cli_runner import run_cli
+    from single_stage_detector.detectors.base import build_detector, get_preset
+
+    model = randomise(build_detector(get_preset("yolov2_tiny_cpu")).model, 3)
+    source = tmp_path / "v2.weights"
+    write_darknet_weights(model, source, seen=12_345)
+    ckpt, back = tmp_path / "v2.pt", tmp_path / "back.weights"
+    done = run_cli(["darknet-weights", "import", str(source), "-o", str(ckpt), "--preset", "yolov2_tiny_cpu"])
+    assert done.returncode == 0, done.stderr
+    done = run_cli(["darknet-weights", "export", str(ckpt), "-o", str(back)])
+    assert done.returncode == 0, done.stderr
+    assert back.read_bytes() == source.read_bytes()  # weights and darknet's seen (the prior warm-up's count)
+
+    backbone = tmp_path / "backbone.conv"
+    write_darknet_weights(model, backbone, max_conv_layers=len(model.backbone.darknet_conv_layers()))
+    done = run_cli(["darknet-weights", "import", str(backbone), "-o", str(tmp_path / "x.pt"),
+                    "--preset", "yolov2_tiny_cpu"])
+    assert done.returncode == 2 and "train --pretrained-backbone" in done.stderr
+    assert "max_conv_layers" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done = run_cli(["darknet-weights", "import", str(source), "-o", str(tmp_path / "x.pt"),
+                    "--preset", "yolov2_resnet50"])
+    assert done.returncode == 2 and "yolov2_resnet50 has no darknet layout" in done.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_backbone_file_reader_refuses_a_whole_network_in_command_line_terms(tmp_path):
+    """--pretrained-backbone given a whole-network file (yolov3.weights instead of darknet53.conv.74):
+    refused naming the backbone file and --init-checkpoint, not read_darknet_weights' allow_trailing."""
+    from single_stage_detector.detectors.yolo.darknet_weights import read_backbone_file
+
+    source, target = tiny(seed=1), tiny(seed=2)
+    whole, backbone = tmp_path / "whole.weights", tmp_path / "backbone.conv"
+    write_darknet_weights(source, whole)
+    write_darknet_weights(source, backbone, max_conv_layers=TINY_BACKBONE_CONVS)
+    before = state(target)
+    with pytest.raises(DarknetWeightsError, match="darknet53.conv.74.*--init-checkpoint") as info:
+        read_backbone_file(target, whole, max_conv_layers=TINY_BACKBONE_CONVS, backbone_file="darknet53.conv.74")
+    assert "allow_trailing" not in str(info.value) and same(before, state(target))
+    read_backbone_file(target, backbone, max_conv_layers=TINY_BACKBONE_CONVS, backbone_file="darknet53.conv.74")
+    assert same(state(source), state(target), "backbone.")

@@ -242,6 +242,19 @@ def test_kmeans_anchors_command_prints_anchors_and_both_fitness_lines(tmp_path, 
     assert "3.625,2.8125" in out and "grid units" in out
 
 
+def test_kmeans_anchors_command_compares_with_yolov2_anchors_in_grid_units(tmp_path, capsys):
+    # YOLOv2's kmeans-anchors command (--units grid): --compare yolov2 scores yolov2.cfg's COCO
+    # anchors, already grid units (0.57273,0.677385 ... 9.77052,9.16828); pixels: x 32.
+    ann = _write_coco(tmp_path / "instances_train.json")
+    code, out, err = _run_kmeans_command([ann, "--num", "3", "--units", "grid", "--compare", "yolov2"], capsys)
+    assert code == 0, err
+    ref = next(line for line in out.splitlines() if line.startswith("YOLOv2 COCO anchors"))
+    assert "0.5727,0.6774" in ref and "9.7705,9.1683" in ref
+    code, out, err = _run_kmeans_command([ann, "--num", "3", "--compare", "yolov2"], capsys)
+    assert code == 0, err
+    assert "18,22" in next(line for line in out.splitlines() if line.startswith("YOLOv2 COCO anchors"))
+
+
 def test_kmeans_anchors_command_errors(tmp_path, capsys):
     code, _, err = _run_kmeans_command([tmp_path / "missing.json"], capsys)
     assert code == 2 and "missing.json" in err and "Traceback" not in err

@@ -165,3 +165,18 @@ def test_darknet19_backbone_file_loads_into_yolov2_darknet19(tmp_path):
     backbone = [k for k in ours if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
     assert len(backbone) == 18 * 5 and all(torch.equal(ours[k], theirs[k]) for k in backbone)
     assert not torch.equal(ours["head.conv.weight"], theirs["head.conv.weight"])
+
+
+def test_input_sizes_warn_of_the_cpu_fallback_once(data, tmp_path, capsys, monkeypatch):
+    from single_stage_detector import distributed
+    from single_stage_detector.detectors.base import build_detector, get_preset
+
+    monkeypatch.setattr(distributed, "cuda_unavailable_reason", lambda: "no GPU is visible (test)")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build on a machine without a GPU
+    ckpt = tmp_path / "v2.pt"
+    torch.save({"preset": "yolov2_tiny_cpu", "model": build_detector(get_preset("yolov2_tiny_cpu")).model.state_dict(),
+                "config": {"data_dir": str(data)}}, ckpt)
+    assert main(["evaluate", str(ckpt), "--input-sizes", "64", "96", "128", "--num-workers", "0",
+                 "--max-images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("WARNING: --device auto: running on the CPU") == 1

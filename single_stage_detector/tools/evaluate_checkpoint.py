@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="evaluation precision (as train's --eval-amp): auto (= off, fp32) | off | bf16 | fp16")
     p.add_argument("--clip-boxes", action="store_true",
-                   help="clip the detections to the image after NMS (NVIDIA v1.1); default: never clipped, "
-                        "as the reference")
+                   help="SSD presets: clip the detections to the image after NMS (NVIDIA v1.1); default: "
+                        "never clipped, as the reference. YOLO presets always clip after NMS (darknet's "
+                        "print_cocos), with or without this flag")
     p.add_argument("--data-backend", default="torch", choices=("torch", "dali", "auto"),
                    help="input pipeline reading the val split (both give the same AP; see docs/DALI.md)")
     p.add_argument("--input-sizes", type=int, nargs="+", default=None, metavar="SIZE",
@@ -131,10 +132,13 @@ def _run_sizes(args: argparse.Namespace, ckpt: dict, data_dir: str) -> int:
     _check_variable_input_size(get_preset(ckpt["preset"]))
     results = []
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        from ..distributed import select_device
+
+        device = str(select_device(args.device))  # once: its CPU-fallback warning is not repeated per size
         for size in args.input_sizes:
             results.append((size, evaluate_checkpoint(
                 ckpt, data_dir, batch_size=args.batch_size, num_workers=args.num_workers, max_images=args.max_images,
-                all_images=args.all_images, device=args.device, amp=args.amp, clip_boxes=args.clip_boxes,
+                all_images=args.all_images, device=device, amp=args.amp, clip_boxes=args.clip_boxes,
                 data_backend=args.data_backend, input_size=size, coco_eval=args.coco_eval)))
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "data_dir": str(data_dir),

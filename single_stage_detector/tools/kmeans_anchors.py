@@ -4,7 +4,8 @@ Reads the boxes of a COCO-format annotation file, measures them in pixels of the
 input (``--input-size``, plain resize or ``--letterbox``), clusters their shapes into
 ``--num`` anchors (YOLOv2 paper, section 2 "Dimension clusters") and prints them in the
 darknet cfg ``anchors=`` form, with the mean best-anchor IoU and the best possible recall
-(BPR) of the new anchors next to those of a reference set (default: YOLOv3's COCO anchors).
+(BPR) of the new anchors next to those of a reference set (default: YOLOv3's COCO anchors;
+``--compare yolov2``: YOLOv2's, darknet ``cfg/yolov2.cfg``).
 
 Units: ``--units pixels`` (YOLOv3: pixels of the network input) or ``--units grid``
 (YOLOv2: pixels / ``--stride``). The IoU of shapes does not depend on the unit as long as
@@ -50,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shape IoU at or above which a box counts as covered by its best anchor "
                              "(default: 0.25: an anchor within a factor 2 of the box in each side)")
     parser.add_argument("--compare", default="yolov3", metavar="ANCHORS",
-                        help="reference anchors: 'yolov3' (darknet cfg/yolov3.cfg COCO anchors, pixels, converted "
-                             "to --units) or a list 'w,h, w,h, ...' in --units")
+                        help="reference anchors: 'yolov3' (darknet cfg/yolov3.cfg COCO anchors, pixels), 'yolov2' "
+                             "(cfg/yolov2.cfg COCO anchors, grid units of stride 32), each converted to --units, "
+                             "or a list 'w,h, w,h, ...' in --units")
 
 
 def _parse_anchor_list(text: str):
@@ -66,7 +68,7 @@ def _parse_anchor_list(text: str):
     try:
         values = [float(f) for f in fields]
     except ValueError:
-        raise ConfigError(f"--compare: expected 'yolov3' or numbers 'w,h, w,h, ...', got {text!r}") from None
+        raise ConfigError(f"--compare: expected 'yolov3', 'yolov2' or numbers 'w,h, w,h, ...', got {text!r}") from None
     if not values or len(values) % 2 or any(not v > 0 for v in values):
         raise ConfigError(f"--compare: expected an even count of positive numbers 'w,h, w,h, ...', got {text!r}")
     return torch.tensor(values, dtype=torch.float32).reshape(-1, 2)
@@ -95,6 +97,14 @@ def main(args: argparse.Namespace) -> int:
         if args.units == "grid":
             reference = convert_units(reference, to="grid", stride=args.stride)
         reference_name = "YOLOv3 COCO anchors"
+    elif args.compare.strip().lower() == "yolov2":
+        from ..detectors.yolov2.presets import YOLOV2_COCO_ANCHORS
+
+        # Grid units of YOLOv2's stride-32 output: x 32 for pixels, then to --units.
+        reference = convert_units(anchors_tensor(YOLOV2_COCO_ANCHORS), to="pixels", stride=32)
+        if args.units == "grid":
+            reference = convert_units(reference, to="grid", stride=args.stride)
+        reference_name = "YOLOv2 COCO anchors"
     else:
         reference = _parse_anchor_list(args.compare)
         reference_name = "--compare anchors"

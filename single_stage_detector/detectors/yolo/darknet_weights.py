@@ -44,6 +44,7 @@ from ...checkpoint import atomic_write
 __all__ = [
     "DarknetWeightsError",
     "read_darknet_weights",
+    "read_backbone_file",
     "write_darknet_weights",
     "darknet_weights_nbytes",
     "WRITE_VERSION",
@@ -236,6 +237,33 @@ def read_darknet_weights(model: nn.Module, path: str | os.PathLike, *, max_conv_
                 tensor.copy_(values[start:start + n].view(tensor.shape))
                 start += n
     return {"major": major, "minor": minor, "revision": revision, "seen": int(seen)}
+
+
+def read_backbone_file(model: nn.Module, path: str | os.PathLike, *, max_conv_layers: int,
+                       backbone_file: str) -> dict[str, int]:
+    """``--pretrained-backbone``: :func:`read_darknet_weights` of the first ``max_conv_layers``
+    convs from a backbone-only file (``backbone_file``: its darknet name, e.g.
+    ``darknet53.conv.74``).
+
+    A longer file (a whole network such as ``yolov3.weights``, or a classifier such as
+    ``darknet19_448.weights``) is refused with what to pass instead, in the command line's
+    terms (the backbone file; or ``darknet-weights import`` + ``--init-checkpoint`` to start
+    from a whole network), rather than :func:`read_darknet_weights`'s ``allow_trailing`` advice.
+
+    Raises:
+        DarknetWeightsError: as :func:`read_darknet_weights`, or the file is longer than the
+            backbone. OSError: the file cannot be read.
+    """
+    path = Path(path)
+    largest = max(darknet_weights_nbytes(model, max_conv_layers=max_conv_layers, version=v)
+                  for v in ((0, 1, 0), WRITE_VERSION))
+    size = path.stat().st_size
+    if size > largest:
+        raise DarknetWeightsError(
+            f"{path}: {size:,} bytes, more than the {max_conv_layers} backbone conv layers a --pretrained-backbone "
+            f"file holds ({backbone_file}: {largest:,} bytes): a whole network or a classifier? Pass the "
+            f"backbone file, or `darknet-weights import` a whole network and pass it to --init-checkpoint")
+    return read_darknet_weights(model, path, max_conv_layers=max_conv_layers)
 
 
 def write_darknet_weights(model: nn.Module, path: str | os.PathLike, *, max_conv_layers: int | None = None,

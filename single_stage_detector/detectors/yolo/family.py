@@ -16,7 +16,7 @@ YOLO_STD = (1.0, 1.0, 1.0)
 
 def _build(preset: YOLOv3Preset, *, pretrained_backbone=None) -> nn.Module:
     from .anchors import anchors_tensor
-    from .darknet_weights import read_darknet_weights
+    from .darknet_weights import read_backbone_file
     from .detector import YOLOv3Detector
     from .network import YOLOv3Network
 
@@ -24,7 +24,7 @@ def _build(preset: YOLOv3Preset, *, pretrained_backbone=None) -> nn.Module:
                             objectness_prior=preset.objectness_prior)
     if pretrained_backbone is not None:
         # darknet53.conv.74: the 52 convolutional layers of the backbone.
-        read_darknet_weights(network, pretrained_backbone, max_conv_layers=52)
+        read_backbone_file(network, pretrained_backbone, max_conv_layers=52, backbone_file="darknet53.conv.74")
     detector = YOLOv3Detector(network, anchors_tensor(preset.anchors_px), preset.masks,
                               num_classes=preset.num_classes, ignore_threshold=preset.ignore_threshold,
                               score_threshold=preset.score_threshold, nms_threshold=preset.nms_threshold,

@@ -4,7 +4,7 @@
   Darknet-53, 416 input (320 and 608 by ``--input-size``: the pixel anchors stay), the COCO
   anchors, darknet's ignore threshold 0.7 (the cfg since May 2018; the paper says 0.5) and its
   COCO evaluation policy (score > 0.005, NMS IoU 0.45; at most 100 detections per image, the
-  COCO metric's limit). Its darknet schedule is ``configs/config_YOLOV3_DARKNET.sh``.
+  COCO metric's limit). Its darknet schedule is ``configs/config_1xH100_YOLOV3.sh``.
 * ``yolov3_tiny_cpu``: the same design, narrow (width 8) and shallow (one residual block per
   stage), for 128-px inputs on a couple of CPU cores: the demo on the synthetic dataset. Its
   anchors are k-means anchors (``kmeans-anchors --num 9 --input-size 128``) of the synthetic
@@ -76,8 +76,10 @@ class YOLOv3Preset:
 
 YOLOV3_DARKNET53 = YOLOv3Preset(
     name="yolov3_darknet53",
-    # COCO AP of darknet's weights re-scored with pycocotools on val2017 at 416: 31.2 (YOLO.md).
-    quality_target=0.31,
+    # Below what a from-scratch run of darknet's schedule reaches at 416 (YOLO.md: mmdetection,
+    # 273 epochs, 30.9 AP on val2017; darknet's own weights re-scored: 31.2), so that a
+    # reproduction of configs/config_1xH100_YOLOV3.sh can stop instead of ending "aborted".
+    quality_target=0.30,
     description="YOLOv3 with Darknet-53 at 416 (darknet cfg: ignore 0.7, eval 0.005 / 0.45 / 100)",
 )
 

@@ -44,10 +44,10 @@ def _build(preset: YOLOv2Preset, *, pretrained_backbone=None) -> nn.Module:
 
             load_resnet50_weights(network.backbone, pretrained_backbone)
         elif _full_darknet19(preset):
-            from ..yolo.darknet_weights import read_darknet_weights
+            from ..yolo.darknet_weights import read_backbone_file
 
             # darknet19_448.conv.23: the 18 convolutional layers of the backbone.
-            read_darknet_weights(network, pretrained_backbone, max_conv_layers=18)
+            read_backbone_file(network, pretrained_backbone, max_conv_layers=18, backbone_file="darknet19_448.conv.23")
         else:
             raise ValueError(f"preset {preset.name!r} has no pretrained backbone")
     detector = YOLOv2Detector(network, RegionLoss(preset.anchors, preset.num_classes, **preset.loss_settings),
