@@ -329,6 +329,18 @@ def test_show_detections_grid(tiny_run, tmp_path, capsys):
     assert (230, 30, 30) in colors  # predictions in red
 
 
+def test_show_detections_start_past_the_split_is_bad_input(tiny_run, tmp_path, capsys):
+    """An index past the split is a bad flag value: one line naming --start, exit status 2."""
+    try:
+        code = main(["show-detections", str(tiny_run / "checkpoint.pt"), "--output", str(tmp_path / "d.png"),
+                     "--start", "999"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --start 999: ") and "8 images" in err[0], err
+    assert not (tmp_path / "d.png").exists()
+
+
 # -- demo target and docs -------------------------------------------------------------------------
 
 def test_demo_target_plots_and_keeps_its_exit_status(tmp_path):
