@@ -157,7 +157,7 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = require_logs(args.logs)
+    logs = require_logs(args.logs, mlperf_only=True)
     runs = [summarize_run(f) for f in logs]
     score = olympic_score(runs)
     rcp = None if args.no_rcp else check_rcp(logs, args.rcp_version)
