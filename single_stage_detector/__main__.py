@@ -16,7 +16,8 @@ DESCRIPTION = (
     "MLPerf-style time-to-train benchmark of single-stage detectors (SSD300-ResNet34 on COCO; "
     "ssd_tiny on an embedded synthetic dataset for CPUs). Exit status: 0 success, 1 a check failed, "
     "2 bad input (one line naming the flag or file), 3 training aborted at the epoch limit, "
-    "4 non-finite loss.")
+    "4 non-finite loss, 5 stopped by SIGTERM/SIGINT after a resume checkpoint (--resume auto), "
+    "6 an output could not be written mid-run.")
 
 # The CPU demo: the small preset on the embedded synthetic dataset (division open).
 DEMO_DEFAULTS = {
