@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="the CPU demo: ssd_tiny (or --preset yolov3_tiny_cpu, yolov2_tiny_cpu) on "
+    p = sub.add_parser("demo", help="the CPU demo: ssd_tiny (or --preset yolov1_tiny_cpu, yolov2_tiny_cpu, "
+                                    "yolov3_tiny_cpu) on "
                                     "the synthetic dataset (train's flags)")
     add_arguments(p, DEMO_DEFAULTS)
     p.set_defaults(func=_cmd_demo, demo_parser=p)
