@@ -148,6 +148,19 @@ def test_bad_values_of_every_subcommand(files, capsys, monkeypatch):
     assert not (files / "s").exists()  # refused before anything was written
 
 
+def test_a_file_that_is_no_checkpoint_gets_its_cause_not_torch_advice(files):
+    """torch's weights-only unpickler wraps the cause in advice to re-run with weights_only=False,
+    which the one line must not repeat (nor cut off mid-sentence)."""
+    from single_stage_detector.config import ConfigError
+    from single_stage_detector.tools.cli import load_checkpoint_arg
+
+    with pytest.raises(ConfigError) as e:
+        load_checkpoint_arg(str(files / "notes.log"))
+    message = str(e.value)
+    assert message.startswith(f"{files / 'notes.log'} is not a readable checkpoint of `train`"), message
+    assert "weights_only" not in message and message.endswith(")") and "UnpicklingError: " in message, message
+
+
 def test_check_logs_explains_a_non_mlperf_log(files):
     proc = _run(["check-logs", str(files / "notes.log")], files)
     assert proc.returncode == 1
