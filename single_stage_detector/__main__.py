@@ -83,6 +83,13 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str
             if any(opt in given or opt.replace("--", "--no-", 1) in given for opt in action.option_strings)}
 
 
+def _written_outputs(result) -> list[str]:
+    """The run's files present in its output folder: no ``checkpoint.pt`` after a stop by a signal
+    (one there is an earlier run's) or with ``--no-save-checkpoint``."""
+    names = ("config.json", "metrics.jsonl", "result.json") + (("checkpoint.pt",) if result.stopped_by is None else ())
+    return [n for n in names if os.path.exists(os.path.join(result.output_dir, n))]
+
+
 def _print_summary(result) -> None:
     minutes = result.time_to_train_s / 60.0
     lines = [
@@ -90,11 +97,12 @@ def _print_summary(result) -> None:
         "=" * 64,
         f"status            {result.status}",
         f"time to train     {result.time_to_train_s:.1f} s ({minutes:.2f} min, run_start -> run_stop)",
-        f"final mAP         {result.ap:.4f} (COCO AP@[.5:.95])",
+        f"final mAP         {result.ap:.4f} (COCO AP@[.5:.95])" if result.ap == result.ap
+        else "final mAP         none (no evaluation ran)",
         f"epochs            {result.epochs}",
         f"devices           {result.world_size} x {result.device}",
         f"MLPerf log        {result.log_file}",
-        f"output folder     {result.output_dir} (config.json, metrics.jsonl, result.json, checkpoint.pt)",
+        f"output folder     {result.output_dir} ({', '.join(_written_outputs(result))})",
     ]
     stats = result.dataset_stats
     for prefix, split in (("", "train"), ("val_", "val")):

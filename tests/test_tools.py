@@ -341,6 +341,21 @@ def test_show_detections_start_past_the_split_is_bad_input(tiny_run, tmp_path, c
     assert not (tmp_path / "d.png").exists()
 
 
+def test_summary_names_only_the_files_written(tmp_path, capsys):
+    """A run stopped by a signal (or without evaluation) has no checkpoint.pt and no AP: the
+    summary says so instead of listing the file and printing 'nan'."""
+    from single_stage_detector.__main__ import _print_summary
+    from single_stage_detector.train import RunResult
+
+    for name in ("config.json", "metrics.jsonl", "result.json", "checkpoint.pt"):  # checkpoint.pt: an earlier run's
+        (tmp_path / name).write_text("{}")
+    _print_summary(RunResult(status="aborted", ap=float("nan"), epochs=0, time_to_train_s=1.0,
+                             log_file=str(tmp_path / "mlperf.log"), output_dir=str(tmp_path), stopped_by="SIGTERM"))
+    out = capsys.readouterr().out
+    assert f"output folder     {tmp_path} (config.json, metrics.jsonl, result.json)\n" in out, out
+    assert "final mAP         none (no evaluation ran)" in out and "nan" not in out, out
+
+
 # -- demo target and docs -------------------------------------------------------------------------
 
 def test_demo_target_plots_and_keeps_its_exit_status(tmp_path):
