@@ -197,6 +197,27 @@ def test_score_warns_when_hyperparameters_differ(five_runs, tmp_path, capsys):
     assert "warning: the runs differ in opt_base_learning_rate (" in out and "in 4 run(s)" in out
 
 
+def test_score_of_several_batch_sizes_says_why_the_rcp_check_is_not_run(five_runs, tmp_path, capsys):
+    """The official RCP checker crashes (KeyError: None) on runs of several global batch sizes."""
+    folder, _ = five_runs
+    mixed = tmp_path / "batches"
+    mixed.mkdir()
+    for i, p in enumerate(sorted(folder.glob("*.log"))):
+        def fn(r, i=i):
+            if r["key"] == "global_batch_size" and i == 4:
+                r = {**r, "value": 16}
+            return [r]
+        _edit(p, mixed / p.name, fn)
+    assert main(["score", str(mixed)]) == 0
+    out = capsys.readouterr().out
+    assert ("RCP check (rcp_checker --rcp_version 1.1.0): not run: the runs differ in global batch size (8, 16)"
+            in out), out
+    assert "KeyError" not in out
+    assert main(["score", "--json", str(mixed)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rcp"]["passed"] is None and "differ in global batch size" in rep["rcp"]["message"]
+
+
 def test_olympic_score_non_converged_runs(tiny_run, five_runs):
     folder, minutes = five_runs
     runs = [summarize_run(p) for p in sorted(folder.glob("*.log"))]
