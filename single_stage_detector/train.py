@@ -136,6 +136,23 @@ class _ModelParts:
     channels_last: bool
 
 
+def _wrap_ddp(detector: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` without buffer broadcasts (see :func:`_build_model`).
+
+    torch 2.14 deprecates ``broadcast_buffers`` with a FutureWarning on every rank, and its
+    replacement, ``forward_sync_buffers=False``, still copies rank 0's buffers at start-up (the
+    warning itself says to keep ``broadcast_buffers=False`` for rank-local buffers); the warning
+    is silenced for this one call.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            detector, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
 def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
     """The model of ``preset`` with its weights, BN mode, device, memory format and wrappers."""
     detector = build_detector(preset, pretrained_backbone=cfg.pretrained_backbone)
@@ -160,9 +177,7 @@ def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
         # and NVIDIA's v0.7 code do (apex DDP), rather than rank 0's copied at every step.
         # gradient_as_bucket_view: the gradients are views of the all-reduce buckets (no copy
         # between them after each all-reduce, one gradient-sized buffer less).
-        train_module = nn.parallel.DistributedDataParallel(
-            detector, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            broadcast_buffers=False, gradient_as_bucket_view=True)
+        train_module = _wrap_ddp(detector, info.device)
     if cfg.compile:
         train_module = compile_for_training(train_module, detector, info.device)
     return _ModelParts(model, detector, train_module, amp, eval_amp, channels_last)
