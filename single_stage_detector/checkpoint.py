@@ -111,16 +111,16 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     atomic_write(path, dump)
 
 
-def _load_error_reason(e: Exception) -> str:
-    """The short cause of a ``torch.load`` failure. The weights-only unpickler wraps its cause in a
-    paragraph of advice (re-run with ``weights_only=False``) that does not apply to a file that is
-    not a checkpoint at all; only the cause after ``WeightsUnpickler error:`` is kept."""
+def load_error_reason(e: BaseException) -> str:
+    """The cause of a ``torch.load`` failure in one line, ``"<type>: <first line>"``. The
+    weights-only unpickler wraps its cause in a paragraph of advice (re-run with
+    ``weights_only=False``) that does not apply to a file that is not a checkpoint at all; only
+    the cause after ``WeightsUnpickler error:`` is kept."""
     text = str(e)
     if "WeightsUnpickler error:" in text:
-        after = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
-        cause = next((ln.strip() for ln in after if ln.strip()), "")
-        return f"{type(e).__name__}: {cause}" if cause else type(e).__name__
-    return text.splitlines()[0] if text else type(e).__name__
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    cause = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {cause}" if cause else type(e).__name__
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -138,7 +138,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except IsADirectoryError:
         raise ConfigError(f"checkpoint {path} is a folder, not a file") from None
     except Exception as e:  # zip/pickle errors of a truncated or foreign file
-        reason = _load_error_reason(e)
+        reason = load_error_reason(e)
         raise ConfigError(f"{path} is not a readable checkpoint of `train` (truncated or foreign file: "
                           f"{reason[:160]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "preset" not in ckpt:
