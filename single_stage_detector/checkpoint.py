@@ -184,6 +184,25 @@ def list_resume_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def move_aside_resume_checkpoints(output_dir: str | os.PathLike) -> Path | None:
+    """Rename the ``checkpoints/`` folder of an earlier run in ``output_dir`` to the first free
+    ``checkpoints.N/`` and return the new name (None when it holds no resume checkpoint).
+
+    A fresh run (no ``--resume``) must not mix its resume points with an earlier run's: pruning
+    keeps the highest steps, so the earlier run's later checkpoints would survive and this run's
+    own be deleted, and ``--resume auto`` would then pick the earlier run's.
+    """
+    if not list_resume_checkpoints(output_dir):
+        return None
+    folder = Path(output_dir) / RESUME_DIR
+    n = 1
+    while folder.with_name(f"{RESUME_DIR}.{n}").exists():
+        n += 1
+    target = folder.with_name(f"{RESUME_DIR}.{n}")
+    os.replace(folder, target)
+    return target
+
+
 def prune_resume_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` resume checkpoints (and stale temp files); return the deleted."""
     folder = Path(output_dir) / RESUME_DIR

@@ -27,7 +27,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from . import __version__
 from .async_eval import AsyncScorer
 from .checkpoint import (RESUME_DIR, RESUME_FORMAT, STORAGE_ERRNOS, OutputWriteError, load_checkpoint,
-                         prune_resume_checkpoints, resume_checkpoint_name, save_checkpoint, write_json)
+                         move_aside_resume_checkpoints, prune_resume_checkpoints, resume_checkpoint_name,
+                         save_checkpoint, write_json)
 from .config import ConfigError, TrainConfig
 from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
@@ -323,6 +324,10 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         say(f"note: the log of an earlier run at {log_file} was kept as {mlog.previous_log}")
     if info.is_main and resumed is None:
         move_aside(Path(cfg.resolved_metrics_file()))  # one run per metrics file too
+        kept = move_aside_resume_checkpoints(cfg.output_dir)  # and one run per checkpoints/ folder
+        if kept is not None:
+            say(f"note: the resume checkpoints of an earlier run in {Path(cfg.output_dir) / RESUME_DIR} "
+                f"were kept as {kept}")
     metrics = MetricsWriter(cfg.resolved_metrics_file(), enabled=info.is_main, tensorboard_dir=cfg.tensorboard_dir)
     if resumed is not None:
         # Not an MLPerf key: the checkers (and check-logs) must see that this log is two runs' pieces.

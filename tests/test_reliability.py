@@ -190,6 +190,26 @@ def test_resume_after_epoch_limit_is_exact_lr_included(coco, reference, tmp_path
     assert "not a valid timed result" in report
 
 
+def test_fresh_run_in_an_earlier_runs_folder_keeps_its_own_resume_checkpoints(coco, reference, tmp_path):
+    """An earlier run's resume checkpoints (epochs 3, 4) are moved to checkpoints.1/: otherwise
+    pruning (newest steps kept) deletes the new run's own, and --resume auto picks the earlier run's."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    earlier = sorted(p.name for p in (out / RESUME_DIR).iterdir())
+    args = [*RUN, "--data-dir", str(coco), "--output-dir", str(out), "--num-workers", "0", "--seed", "6",
+            "--eval-epochs", "1", "2"]
+    proc = _train([*args, "--epochs", "1"], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"were kept as {out / (RESUME_DIR + '.1')}" in proc.stdout
+    assert sorted(p.name for p in (out / f"{RESUME_DIR}.1").iterdir()) == earlier
+    assert [p.name for p in list_resume_checkpoints(out)] == ["resume-e00001-s00000004.pt"]
+    proc = _train([*args, "--epochs", "2", "--resume", "auto"], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "resume-e00001-s00000004.pt" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_sigterm_mid_epoch_then_resume_with_workers_is_exact(coco, reference, tmp_path):
     """SIGTERM inside epoch 3 (2 workers): the step finishes, a checkpoint is written, exit 5; the
     resumed run ends bit-identical to the uninterrupted one (which had no worker)."""
