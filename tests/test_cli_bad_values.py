@@ -41,6 +41,8 @@ CASES = [
      "--init-checkpoint"),
     ("train-init-checkpoint-missing", "train --preset ssd_tiny --init-checkpoint {d}/none.pt --data-dir {d}",
      "{d}/none.pt"),
+    ("train-tensorboard-dir-file", "train --preset ssd_tiny --data-dir {d}/folder --output-dir {d}/tb_run "
+     "--tensorboard-dir {d}/notes.log", "--tensorboard-dir"),
     ("train-type", "train --epochs many", "--epochs"),
     ("train-unknown-flag", "train --no-such-flag", "--no-such-flag"),
     ("train-range", "train --batch-size 0 --data-dir {d}/folder", "--batch-size"),
@@ -146,6 +148,7 @@ def test_bad_values_of_every_subcommand(files, capsys, monkeypatch):
             failures.append(f"{name}: exit {proc.returncode}, stderr {proc.stderr[-600:]!r}")
     assert not failures, "\n".join(failures)
     assert not (files / "s").exists()  # refused before anything was written
+    assert not (files / "tb_run" / "mlperf.log").exists()
 
 
 def test_a_file_that_is_no_checkpoint_gets_its_cause_not_torch_advice(files):
