@@ -152,6 +152,8 @@ def check_output_writable(cfg: TrainConfig, checkpoint_bytes: int) -> None:
     if cfg.tensorboard_dir:
         folders[os.path.abspath(cfg.tensorboard_dir)] = "--tensorboard-dir"
     for folder, flag in folders.items():
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{flag} {folder} is a file, not a folder")
         try:
             os.makedirs(folder, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)

@@ -43,6 +43,8 @@ CASES = [
      "{d}/none.pt"),
     ("train-tensorboard-dir-file", "train --preset ssd_tiny --data-dir {d}/folder --output-dir {d}/tb_run "
      "--tensorboard-dir {d}/notes.log", "--tensorboard-dir"),
+    ("train-output-dir-file", "train --preset ssd_tiny --data-dir {d}/folder --output-dir {d}/notes.log",
+     "--output-dir {d}/notes.log is a file, not a folder"),
     ("train-type", "train --epochs many", "--epochs"),
     ("train-unknown-flag", "train --no-such-flag", "--no-such-flag"),
     ("train-range", "train --batch-size 0 --data-dir {d}/folder", "--batch-size"),
