@@ -208,6 +208,8 @@ def test_every_flag_has_help_and_one_shown_default():
                 problems.append(f"{name} {action.option_strings[0]}: no default shown")
             if text.count("(default") > 1:
                 problems.append(f"{name} {action.option_strings[0]}: default shown twice: {text}")
+        if "``" in parser.format_help():
+            problems.append(f"{name}: reStructuredText markup (``) in its help")
     assert not problems, "\n".join(problems)
 
 
