@@ -213,6 +213,17 @@ def test_every_flag_has_help_and_one_shown_default():
     assert not problems, "\n".join(problems)
 
 
+def test_list_flags_name_what_they_take():
+    """A list flag's metavar says what each value is (not N for anchor specs, sides and betas)."""
+    from single_stage_detector.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = sub.choices["train"].format_help()
+    for usage in ("--anchors SPEC [SPEC ...]", "--multi-scale SIDE [SIDE ...]", "--adam-betas BETA [BETA ...]",
+                  "--lr-decay-epochs EPOCH [EPOCH ...]", "--eval-epochs EPOCH [EPOCH ...]"):
+        assert usage in text, usage
+
+
 def test_warmup_longer_than_the_run_gets_a_hint(capsys):
     from single_stage_detector.__main__ import _warmup_hint
     from single_stage_detector.config import TrainConfig
