@@ -516,10 +516,14 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         eval_epochs = set(cfg.evaluation_epochs())
         val_loss = cfg.resolved_val_loss(preset.is_benchmark)
         async_eval = cfg.resolved_async_eval(info.device.type)
-        say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
-            f"val: {data.eval_samples} images; "
-            f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}"
-            f"{' (scored in the background while the next epoch trains)' if async_eval else ''}")
+        if cfg.eval_only:
+            say(f"--eval-only: one evaluation of the --init-checkpoint weights on {data.eval_samples} val images, "
+                f"no training")
+        else:
+            say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
+                f"val: {data.eval_samples} images; "
+                f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}"
+                f"{' (scored in the background while the next epoch trains)' if async_eval else ''}")
         if async_eval and info.is_main:
             # Starts now, scores from the first evaluation on.
             scorer = AsyncScorer(data.val_annotation_file, backend=cfg.coco_eval)

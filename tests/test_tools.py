@@ -362,6 +362,15 @@ def test_show_detections_start_past_the_split_is_bad_input(tiny_run, tmp_path, c
     assert not (tmp_path / "d.png").exists()
 
 
+def test_eval_only_announces_an_evaluation_not_a_training_schedule(tiny_run, tmp_path):
+    proc = run_cli(["train", "--preset", "ssd_tiny", "--data-dir", str(tiny_run.parent / "data"), "--eval-only",
+                    "--init-checkpoint", str(tiny_run / "checkpoint.pt"), "--output-dir", str(tmp_path / "eo"),
+                    "--num-workers", "0", "--eval-batch-size", "8"], cwd=tmp_path, timeout=600)
+    assert proc.returncode in (0, 3), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--eval-only: one evaluation of the --init-checkpoint weights on 8 val images, no training" in proc.stdout
+    assert "evaluating after epochs" not in proc.stdout and "steps/epoch" not in proc.stdout
+
+
 def test_summary_names_only_the_files_written(tmp_path, capsys):
     """A run stopped by a signal (or without evaluation) has no checkpoint.pt and no AP: the
     summary says so instead of listing the file and printing 'nan'."""
