@@ -664,7 +664,9 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                        device=str(info.device), rank=info.rank, stopped_by=stopped_by,
                        resumed_from=str(resumed[0]) if resumed is not None else None)
     if info.is_main:
-        write_json({k: v for k, v in result.__dict__.items()}, os.path.join(cfg.output_dir, "result.json"))
+        # Strict JSON: no NaN (a run stopped by a signal before its first evaluation has no AP).
+        write_json({**result.__dict__, "ap": None if math.isnan(result.ap) else result.ap},
+                   os.path.join(cfg.output_dir, "result.json"))
     return result
 
 

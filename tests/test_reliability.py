@@ -230,6 +230,20 @@ def test_sigterm_mid_epoch_then_resume_with_workers_is_exact(coco, reference, tm
     assert _lrs(out) == _lrs(reference)
 
 
+def test_stop_before_the_first_evaluation_writes_strict_json(coco, tmp_path):
+    """No AP yet: result.json says null (NaN is not JSON; strict readers such as jq or JavaScript refuse it)."""
+    args = [*RUN, "--data-dir", str(coco), "--output-dir", "out", "--num-workers", "0", "--epochs", "4"]
+    rc, output, _ = _train_until(args, tmp_path, "epoch 1/4 step 1/4")
+    assert rc == 5, output[-3000:]
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in result.json")
+
+    result = json.loads((tmp_path / "out" / "result.json").read_text(), parse_constant=refuse)
+    assert result["ap"] is None and result["stopped_by"] == "SIGTERM"
+    assert "final mAP         none (no evaluation ran)" in output
+
+
 DALI_ARGS = ["--num-workers", "1", "--data-backend", "dali"]
 
 
