@@ -218,6 +218,26 @@ def test_score_of_several_batch_sizes_says_why_the_rcp_check_is_not_run(five_run
     assert rep["rcp"]["passed"] is None and "differ in global batch size" in rep["rcp"]["message"]
 
 
+def test_score_gives_a_resumed_log_no_time_to_train(five_runs, tmp_path, capsys):
+    """A log continued by --resume is two runs' pieces: no time to train (its first run_stop only
+    ends the first piece), not converged."""
+    from single_stage_detector.tools.score import summarize_run
+
+    folder, _ = five_runs
+    src = sorted(folder.glob("*.log"))[0]
+
+    def fn(r):
+        if r["key"] == "run_stop":  # the first piece stopped, the second resumed and finished
+            return [r, {**r, "key": "run_resumed", "value": "resume-e00001.pt", "metadata": {}}]
+        return [r]
+    log = _edit(src, tmp_path / "resumed.log", fn)
+    run = summarize_run(log)
+    assert run.status == "resumed" and not run.converged and run.time_to_train_s is None and run.minutes is None
+    assert main(["score", "--no-rcp", str(log)]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(str(log)))
+    assert row.split()[1:6] == ["resumed", "no", "-", "-", "-"], row
+
+
 def test_olympic_score_non_converged_runs(tiny_run, five_runs):
     folder, minutes = five_runs
     runs = [summarize_run(p) for p in sorted(folder.glob("*.log"))]

@@ -57,7 +57,9 @@ def summarize_run(log_file) -> RunSummary:
     value = lambda key: first(key).value if first(key) is not None else None  # noqa: E731
     return RunSummary(
         log=str(log_file), status=status, converged=converged,
-        time_to_train_s=(stop.time_ms - start.time_ms) / 1000.0 if start is not None and stop is not None else None,
+        # A resumed log is two runs' pieces: its first run_start .. run_stop is only the first piece.
+        time_to_train_s=((stop.time_ms - start.time_ms) / 1000.0
+                         if start is not None and stop is not None and status != "resumed" else None),
         epochs_to_converge=epochs, best_accuracy=max(values) if values else None, evaluations=len(evals),
         global_batch_size=value("global_batch_size"), division=value("submission_division"), seed=value("seed"),
         benchmark=value("submission_benchmark"),
