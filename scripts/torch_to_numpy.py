@@ -92,7 +92,10 @@ def convert(src: str) -> dict:
         except TypeError:  # torch < 1.13 has no weights_only
             state = torch.load(src, map_location="cpu")
     except Exception as exc:  # torch raises many types for a corrupt/foreign file
-        first_line = (str(exc).strip().splitlines() or [""])[0]
+        text = str(exc)
+        # The weights-only unpickler's cause follows a paragraph of advice about weights_only=False.
+        text = text.split("WeightsUnpickler error:", 1)[-1]
+        first_line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
         fail(f"{src}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {first_line})")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -16,7 +16,8 @@ DESCRIPTION = (
     "MLPerf-style time-to-train benchmark of single-stage detectors (SSD300-ResNet34 on COCO; "
     "ssd_tiny on an embedded synthetic dataset for CPUs). Exit status: 0 success, 1 a check failed, "
     "2 bad input (one line naming the flag or file), 3 training aborted at the epoch limit, "
-    "4 non-finite loss.")
+    "4 non-finite loss, 5 stopped by SIGTERM/SIGINT after a resume checkpoint (--resume auto), "
+    "6 an output could not be written mid-run.")
 
 # The CPU demo: the small preset on the embedded synthetic dataset (division open).
 DEMO_DEFAULTS = {
@@ -82,6 +83,13 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str
             if any(opt in given or opt.replace("--", "--no-", 1) in given for opt in action.option_strings)}
 
 
+def _written_outputs(result) -> list[str]:
+    """The run's files present in its output folder: no ``checkpoint.pt`` after a stop by a signal
+    (one there is an earlier run's) or with ``--no-save-checkpoint``."""
+    names = ("config.json", "metrics.jsonl", "result.json") + (("checkpoint.pt",) if result.stopped_by is None else ())
+    return [n for n in names if os.path.exists(os.path.join(result.output_dir, n))]
+
+
 def _print_summary(result) -> None:
     minutes = result.time_to_train_s / 60.0
     lines = [
@@ -89,11 +97,12 @@ def _print_summary(result) -> None:
         "=" * 64,
         f"status            {result.status}",
         f"time to train     {result.time_to_train_s:.1f} s ({minutes:.2f} min, run_start -> run_stop)",
-        f"final mAP         {result.ap:.4f} (COCO AP@[.5:.95])",
+        f"final mAP         {result.ap:.4f} (COCO AP@[.5:.95])" if result.ap == result.ap
+        else "final mAP         none (no evaluation ran)",
         f"epochs            {result.epochs}",
         f"devices           {result.world_size} x {result.device}",
         f"MLPerf log        {result.log_file}",
-        f"output folder     {result.output_dir} (config.json, metrics.jsonl, result.json, checkpoint.pt)",
+        f"output folder     {result.output_dir} ({', '.join(_written_outputs(result))})",
     ]
     stats = result.dataset_stats
     for prefix, split in (("", "train"), ("val_", "val")):

@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from .config import ConfigError
+
 __all__ = ["add_benchmark_arguments", "run_benchmark"]
 
 
@@ -412,7 +414,8 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     """Time the requested parts, print the table, return its rows (and write ``--json``).
 
     Raises:
-        SystemExit: ``--cuda-graphs`` on a device other than CUDA.
+        ConfigError: ``--cuda-graphs`` (or a ``--mode`` with it) on a device other than CUDA or
+            for a preset without pre-encoded targets; ``--parts components`` for a non-SSD preset.
     """
     from .detectors.base import build_detector, get_preset
     from .distributed import select_device
@@ -425,14 +428,16 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     if args.parts is None:
         args.parts = ["train", "eval", "data"] if hasattr(preset, "box_spec") else ["train", "eval"]
     if "components" in args.parts and not hasattr(preset, "box_spec"):
-        raise SystemExit(f"benchmark: --parts components measures the SSD box coding; preset {preset.name} "
-                         f"({preset.family}) has train, eval and data parts only")
+        raise ConfigError(f"--parts components: measures the SSD box coding; preset {preset.name} "
+                          f"({preset.family}) has train, eval and data parts only")
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
     amp = AmpSettings.resolve(args.amp, device)
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     use_compile, cuda_graphs = getattr(args, "compile", False), getattr(args, "cuda_graphs", False)
+    # Named as the user gave it: --mode sets --cuda-graphs.
+    graphs_flag = f"--mode {args.mode}" if getattr(args, "mode", None) else "--cuda-graphs"
     if cuda_graphs and device.type != "cuda":
-        raise SystemExit(f"benchmark: --cuda-graphs needs a CUDA device, not {device}")
+        raise ConfigError(f"{graphs_flag}: CUDA graphs need a CUDA device, not {device}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     enable_cudnn_autotune(device)
     torch.manual_seed(0)
@@ -469,7 +474,7 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         # are encoded outside the captured/compiled part (as DALI would hand them over).
         pre_encoded = hasattr(detector, "encode_targets")
         if cuda_graphs and not pre_encoded:
-            raise SystemExit(f"benchmark: --cuda-graphs needs pre-encoded targets (SSD presets), not {preset.name}")
+            raise ConfigError(f"{graphs_flag}: CUDA graphs need pre-encoded targets (SSD presets), not {preset.name}")
         if cuda_graphs:
             # Autocast's weight-cast cache must be off while capturing (the graph owns the casts).
             # Eager warm-up steps, then the capture, all within the benchmark's --warmup calls.

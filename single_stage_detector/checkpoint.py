@@ -111,6 +111,18 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     atomic_write(path, dump)
 
 
+def load_error_reason(e: BaseException) -> str:
+    """The cause of a ``torch.load`` failure in one line, ``"<type>: <first line>"``. The
+    weights-only unpickler wraps its cause in a paragraph of advice (re-run with
+    ``weights_only=False``) that does not apply to a file that is not a checkpoint at all; only
+    the cause after ``WeightsUnpickler error:`` is kept."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    cause = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {cause}" if cause else type(e).__name__
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint of ``train`` (tensors on the CPU).
 
@@ -126,7 +138,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except IsADirectoryError:
         raise ConfigError(f"checkpoint {path} is a folder, not a file") from None
     except Exception as e:  # zip/pickle errors of a truncated or foreign file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = load_error_reason(e)
         raise ConfigError(f"{path} is not a readable checkpoint of `train` (truncated or foreign file: "
                           f"{reason[:160]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "preset" not in ckpt:
@@ -170,6 +182,25 @@ def list_resume_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [(int(m.group(2)), p) for p in folder.iterdir() if (m := _RESUME_NAME.match(p.name)) and p.is_file()]
     return [p for _, p in sorted(found)]
+
+
+def move_aside_resume_checkpoints(output_dir: str | os.PathLike) -> Path | None:
+    """Rename the ``checkpoints/`` folder of an earlier run in ``output_dir`` to the first free
+    ``checkpoints.N/`` and return the new name (None when it holds no resume checkpoint).
+
+    A fresh run (no ``--resume``) must not mix its resume points with an earlier run's: pruning
+    keeps the highest steps, so the earlier run's later checkpoints would survive and this run's
+    own be deleted, and ``--resume auto`` would then pick the earlier run's.
+    """
+    if not list_resume_checkpoints(output_dir):
+        return None
+    folder = Path(output_dir) / RESUME_DIR
+    n = 1
+    while folder.with_name(f"{RESUME_DIR}.{n}").exists():
+        n += 1
+    target = folder.with_name(f"{RESUME_DIR}.{n}")
+    os.replace(folder, target)
+    return target
 
 
 def prune_resume_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:

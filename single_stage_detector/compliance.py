@@ -116,9 +116,11 @@ def is_mlperf_log(path: str | os.PathLike) -> bool:
     return _TOKEN in head
 
 
-def require_logs(paths) -> list[_Path]:
+def require_logs(paths, *, mlperf_only: bool = False) -> list[_Path]:
     """:func:`find_logs`, but a :class:`~single_stage_detector.config.ConfigError` (exit status 2
-    with one line on stderr from the CLI) when nothing is found."""
+    with one line on stderr from the CLI) when nothing is found, and with ``mlperf_only`` when
+    a file named directly holds no ``:::MLLOG`` line (tools that read the records, not a checker
+    that reports such a file as failing)."""
     from .config import ConfigError
 
     try:
@@ -128,6 +130,10 @@ def require_logs(paths) -> list[_Path]:
     if not logs:
         names = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
         raise ConfigError(f"no MLPerf logs found in {' '.join(names)}")
+    if mlperf_only:
+        for log in logs:
+            if not is_mlperf_log(log):
+                raise ConfigError(f"{log}: not an MLPerf log (no ':::MLLOG' lines in the file)")
     return logs
 
 

@@ -87,7 +87,7 @@ class TrainConfig:
     anchors: Optional[tuple[str, ...]] = _f(
         None, "YOLOv1 presets: prior shapes of a cell's B predictors: kmeans:N (k-means on the training boxes at "
               "start, B = N) | W,H W,H ... (fractions of the input side, B = their count) | none (the paper's; "
-              "default: the preset's)")
+              "default: the preset's)", metavar="SPEC")
     confidence_target: Optional[str] = _f(None, "YOLOv1 presets: confidence target of a responsible predictor: iou "
                                                 "(the paper's) | one (default: the preset's)")
     class_weights: Optional[str] = _f(None, "YOLOv1 presets: class-term weights: none (the paper's) | "
@@ -128,7 +128,8 @@ class TrainConfig:
     warmup_steps: int = _f(300, "warm-up iterations (optimiser steps)")
     warmup_factor: int = _f(0, "mlperf warm-up starts at lr * (1 - 2**-factor); 0 = from zero "
                                "(MLPerf: integer >= 0)")
-    lr_decay_epochs: tuple[int, ...] = _f((40, 50), "epochs at which the LR is multiplied by --lr-decay-factor")
+    lr_decay_epochs: tuple[int, ...] = _f((40, 50), "epochs at which the LR is multiplied by --lr-decay-factor",
+                                          metavar="EPOCH")
     lr_decay_factor: float = _f(0.1, "LR multiplier at each decay epoch")
     max_samples: int = _f(1, "SSD random-crop tries per mode (MLPerf allows 1 or 50)")
     color_jitter: str = _f("torchvision", "colour jitter of the torch input pipeline: torchvision (torchvision's "
@@ -141,11 +142,11 @@ class TrainConfig:
                              "normalise only, for exactness tests")
     multi_scale: tuple[int, ...] = _f((), "MIN MAX: every 10 optimiser steps a new input side, a multiple of 32 "
                                           "in [MIN, MAX], drawn from (seed, step) so every rank and a resumed "
-                                          "run use the same (YOLO presets; e.g. 320 608, darknet's)")
+                                          "run use the same (YOLO presets; e.g. 320 608, darknet's)", metavar="SIDE")
 
     # -- recipe options (open division; defaults: the MLPerf SSD recipe) --------------------
     optimizer: str = _f("sgd", "sgd (with --momentum; the benchmark's) | adamw (with --adam-betas)")
-    adam_betas: tuple[float, ...] = _f((0.9, 0.999), "AdamW's two moment decays (beta1 beta2)")
+    adam_betas: tuple[float, ...] = _f((0.9, 0.999), "AdamW's two moment decays (beta1 beta2)", metavar="BETA")
     lr_schedule: str = _f("step", "step (x --lr-decay-factor at each --lr-decay-epochs; the benchmark's) | cosine "
                                   "(from the LR to --min-lr over the run's --epochs after the warm-up)")
     min_lr: float = _f(0.0, "the LR a cosine schedule ends at")
@@ -167,7 +168,8 @@ class TrainConfig:
     eval_every: int = _f(5, "evaluate after every N epochs")
     eval_start: Optional[int] = _f(None, "first epoch to evaluate after (default: --eval-every)")
     eval_epochs: Optional[tuple[int, ...]] = _f(
-        None, "explicit evaluation epochs (overrides --eval-every), e.g. the v0.7 list 40 50 55 60 65 70 75 80")
+        None, "explicit evaluation epochs (overrides --eval-every), e.g. the v0.7 list 40 50 55 60 65 70 75 80",
+        metavar="EPOCH")
     async_eval: str = _f("auto", "score each evaluation (COCOeval) in a background process while the next epoch "
                                  "trains; the stop decision is taken at the next epoch boundary, eval_accuracy "
                                  "keeps the evaluated epoch: on | off | auto (on with CUDA, off on the CPU, "
@@ -464,7 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict[str, 
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(tp) is tuple:
             (elem, *_rest) = typing.get_args(tp)
-            parser.add_argument(flag, type=elem, nargs="+", default=default, metavar="N", help=help_text)
+            parser.add_argument(flag, type=elem, nargs="+", default=default, metavar=f.metadata.get("metavar", "N"),
+                                help=help_text)
         else:
             parser.add_argument(flag, type=tp, default=default, help=help_text)
 

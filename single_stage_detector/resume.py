@@ -141,14 +141,19 @@ def check_output_writable(cfg: TrainConfig, checkpoint_bytes: int) -> None:
     output folder's disk has room for the checkpoints the run will keep.
 
     Raises ConfigError naming the folder and the flag (``--output-dir``, ``--log-file``,
-    ``--metrics-file``) with the system's reason (read-only, permission, no space).
+    ``--metrics-file``, ``--tensorboard-dir``) with the system's reason (read-only, permission,
+    no space).
     """
     folders = {os.path.dirname(os.path.abspath(cfg.resolved_log_file())): "--log-file",
                os.path.dirname(os.path.abspath(cfg.resolved_metrics_file())): "--metrics-file",
                os.path.abspath(cfg.output_dir): "--output-dir"}
     if cfg.save_checkpoint:
         folders[os.path.join(os.path.abspath(cfg.output_dir), RESUME_DIR)] = "--output-dir"
+    if cfg.tensorboard_dir:
+        folders[os.path.abspath(cfg.tensorboard_dir)] = "--tensorboard-dir"
     for folder, flag in folders.items():
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{flag} {folder} is a file, not a folder")
         try:
             os.makedirs(folder, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)

@@ -27,7 +27,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from . import __version__
 from .async_eval import AsyncScorer
 from .checkpoint import (RESUME_DIR, RESUME_FORMAT, STORAGE_ERRNOS, OutputWriteError, load_checkpoint,
-                         prune_resume_checkpoints, resume_checkpoint_name, save_checkpoint, write_json)
+                         move_aside_resume_checkpoints, prune_resume_checkpoints, resume_checkpoint_name,
+                         save_checkpoint, write_json)
 from .config import ConfigError, TrainConfig
 from .data.coco import COCO_CATEGORY_IDS
 from .data.pipeline import build_data_pipeline
@@ -136,6 +137,23 @@ class _ModelParts:
     channels_last: bool
 
 
+def _wrap_ddp(detector: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` without buffer broadcasts (see :func:`_build_model`).
+
+    torch 2.14 deprecates ``broadcast_buffers`` with a FutureWarning on every rank, and its
+    replacement, ``forward_sync_buffers=False``, still copies rank 0's buffers at start-up (the
+    warning itself says to keep ``broadcast_buffers=False`` for rank-local buffers); the warning
+    is silenced for this one call.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            detector, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
 def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
     """The model of ``preset`` with its weights, BN mode, device, memory format and wrappers."""
     detector = build_detector(preset, pretrained_backbone=cfg.pretrained_backbone)
@@ -160,9 +178,7 @@ def _build_model(cfg: TrainConfig, preset, info: DistInfo, say) -> _ModelParts:
         # and NVIDIA's v0.7 code do (apex DDP), rather than rank 0's copied at every step.
         # gradient_as_bucket_view: the gradients are views of the all-reduce buckets (no copy
         # between them after each all-reduce, one gradient-sized buffer less).
-        train_module = nn.parallel.DistributedDataParallel(
-            detector, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            broadcast_buffers=False, gradient_as_bucket_view=True)
+        train_module = _wrap_ddp(detector, info.device)
     if cfg.compile:
         train_module = compile_for_training(train_module, detector, info.device)
     return _ModelParts(model, detector, train_module, amp, eval_amp, channels_last)
@@ -308,6 +324,10 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         say(f"note: the log of an earlier run at {log_file} was kept as {mlog.previous_log}")
     if info.is_main and resumed is None:
         move_aside(Path(cfg.resolved_metrics_file()))  # one run per metrics file too
+        kept = move_aside_resume_checkpoints(cfg.output_dir)  # and one run per checkpoints/ folder
+        if kept is not None:
+            say(f"note: the resume checkpoints of an earlier run in {Path(cfg.output_dir) / RESUME_DIR} "
+                f"were kept as {kept}")
     metrics = MetricsWriter(cfg.resolved_metrics_file(), enabled=info.is_main, tensorboard_dir=cfg.tensorboard_dir)
     if resumed is not None:
         # Not an MLPerf key: the checkers (and check-logs) must see that this log is two runs' pieces.
@@ -496,10 +516,14 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
         eval_epochs = set(cfg.evaluation_epochs())
         val_loss = cfg.resolved_val_loss(preset.is_benchmark)
         async_eval = cfg.resolved_async_eval(info.device.type)
-        say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
-            f"val: {data.eval_samples} images; "
-            f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}"
-            f"{' (scored in the background while the next epoch trains)' if async_eval else ''}")
+        if cfg.eval_only:
+            say(f"--eval-only: one evaluation of the --init-checkpoint weights on {data.eval_samples} val images, "
+                f"no training")
+        else:
+            say(f"train: {data.train_samples} images ({data.backend} pipeline), {steps_per_epoch} steps/epoch; "
+                f"val: {data.eval_samples} images; "
+                f"evaluating after epochs {sorted(eval_epochs)[:8]}{' ...' if len(eval_epochs) > 8 else ''}"
+                f"{' (scored in the background while the next epoch trains)' if async_eval else ''}")
         if async_eval and info.is_main:
             # Starts now, scores from the first evaluation on.
             scorer = AsyncScorer(data.val_annotation_file, backend=cfg.coco_eval)
@@ -640,7 +664,9 @@ def _run_with_signals(cfg: TrainConfig, info: DistInfo, stop: StopSignals) -> Ru
                        device=str(info.device), rank=info.rank, stopped_by=stopped_by,
                        resumed_from=str(resumed[0]) if resumed is not None else None)
     if info.is_main:
-        write_json({k: v for k, v in result.__dict__.items()}, os.path.join(cfg.output_dir, "result.json"))
+        # Strict JSON: no NaN (a run stopped by a signal before its first evaluation has no AP).
+        write_json({**result.__dict__, "ap": None if math.isnan(result.ap) else result.ap},
+                   os.path.join(cfg.output_dir, "result.json"))
     return result
 
 

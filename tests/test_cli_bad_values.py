@@ -41,6 +41,10 @@ CASES = [
      "--init-checkpoint"),
     ("train-init-checkpoint-missing", "train --preset ssd_tiny --init-checkpoint {d}/none.pt --data-dir {d}",
      "{d}/none.pt"),
+    ("train-tensorboard-dir-file", "train --preset ssd_tiny --data-dir {d}/folder --output-dir {d}/tb_run "
+     "--tensorboard-dir {d}/notes.log", "--tensorboard-dir"),
+    ("train-output-dir-file", "train --preset ssd_tiny --data-dir {d}/folder --output-dir {d}/notes.log",
+     "--output-dir {d}/notes.log is a file, not a folder"),
     ("train-type", "train --epochs many", "--epochs"),
     ("train-unknown-flag", "train --no-such-flag", "--no-such-flag"),
     ("train-range", "train --batch-size 0 --data-dir {d}/folder", "--batch-size"),
@@ -61,6 +65,11 @@ CASES = [
     ("benchmark-range", "benchmark --iters 0", "--iters"),
     ("benchmark-choice", "benchmark --parts everything", "--parts"),
     ("benchmark-cuda-graphs-fp16", "benchmark --cuda-graphs --amp fp16", "--cuda-graphs"),
+    ("benchmark-cuda-graphs-cpu", "benchmark --preset ssd_tiny --device cpu --cuda-graphs --parts eval",
+     "--cuda-graphs"),
+    ("benchmark-mode-graphs-cpu", "benchmark --preset ssd_tiny --device cpu --mode bf16-cl-graphs --parts eval",
+     "--mode bf16-cl-graphs"),
+    ("benchmark-components-yolo", "benchmark --preset yolov3_tiny_cpu --parts components", "--parts components"),
     ("train-device-index", "train --device cuda:99 --data-dir {d}/folder", "--device cuda:99"),
     ("evaluate-missing", "evaluate {d}/none.pt", "{d}/none.pt"),
     ("evaluate-log-as-checkpoint", "evaluate {d}/notes.log", "{d}/notes.log"),
@@ -80,10 +89,12 @@ CASES = [
     ("check-logs-ruleset", "check-logs {d}/notes.log --ruleset 9.9.9", "--ruleset"),
     ("score-missing", "score {d}/none.log", "{d}/none.log"),
     ("score-empty-folder", "score {d}/folder", "{d}/folder"),
+    ("score-not-a-log", "score {d}/notes.log", "{d}/notes.log: not an MLPerf log"),
     ("package-missing", "package {d}/none.log", "{d}/none.log"),
     ("package-system-json-missing", "package {d}/notes.log --system-json {d}/none.json", "--system-json"),
     ("plot-missing", "plot {d}/none.log", "{d}/none.log"),
     ("plot-empty-folder", "plot {d}/folder", "{d}/folder"),
+    ("plot-not-a-log", "plot {d}/notes.log", "{d}/notes.log: not an MLPerf log"),
     ("predict-missing-image", "predict {d}/none.jpg --checkpoint {d}/other.pt", "{d}/none.jpg"),
     ("predict-empty-folder", "predict {d}/folder --checkpoint {d}/notes.log", "{d}/folder"),
     ("darknet-weights-missing", "darknet-weights import {d}/none.weights -o {d}/x.pt", "{d}/none.weights"),
@@ -139,6 +150,20 @@ def test_bad_values_of_every_subcommand(files, capsys, monkeypatch):
             failures.append(f"{name}: exit {proc.returncode}, stderr {proc.stderr[-600:]!r}")
     assert not failures, "\n".join(failures)
     assert not (files / "s").exists()  # refused before anything was written
+    assert not (files / "tb_run" / "mlperf.log").exists()
+
+
+def test_a_file_that_is_no_checkpoint_gets_its_cause_not_torch_advice(files):
+    """torch's weights-only unpickler wraps the cause in advice to re-run with weights_only=False,
+    which the one line must not repeat (nor cut off mid-sentence)."""
+    from single_stage_detector.config import ConfigError
+    from single_stage_detector.tools.cli import load_checkpoint_arg
+
+    with pytest.raises(ConfigError) as e:
+        load_checkpoint_arg(str(files / "notes.log"))
+    message = str(e.value)
+    assert message.startswith(f"{files / 'notes.log'} is not a readable checkpoint of `train`"), message
+    assert "weights_only" not in message and message.endswith(")") and "UnpicklingError: " in message, message
 
 
 def test_check_logs_explains_a_non_mlperf_log(files):
@@ -183,7 +208,20 @@ def test_every_flag_has_help_and_one_shown_default():
                 problems.append(f"{name} {action.option_strings[0]}: no default shown")
             if text.count("(default") > 1:
                 problems.append(f"{name} {action.option_strings[0]}: default shown twice: {text}")
+        if "``" in parser.format_help():
+            problems.append(f"{name}: reStructuredText markup (``) in its help")
     assert not problems, "\n".join(problems)
+
+
+def test_list_flags_name_what_they_take():
+    """A list flag's metavar says what each value is (not N for anchor specs, sides and betas)."""
+    from single_stage_detector.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = sub.choices["train"].format_help()
+    for usage in ("--anchors SPEC [SPEC ...]", "--multi-scale SIDE [SIDE ...]", "--adam-betas BETA [BETA ...]",
+                  "--lr-decay-epochs EPOCH [EPOCH ...]", "--eval-epochs EPOCH [EPOCH ...]"):
+        assert usage in text, usage
 
 
 def test_warmup_longer_than_the_run_gets_a_hint(capsys):

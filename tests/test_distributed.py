@@ -372,3 +372,22 @@ def test_bn_running_stats_are_averaged_before_evaluation(coco, tmp_path):
         assert torch.equal(r0["after"][k], r1["after"][k]), k  # every rank evaluates the same model
         torch.testing.assert_close(r0["after"][k], (r0["before"][k] + r1["before"][k]) / 2)
     assert r0["ap"] >= 0.0 and r0["images_per_rank"] == [NUM_VAL // 2, NUM_VAL // 2]
+
+
+def test_ddp_wrapper_keeps_rank_local_buffers_without_a_deprecation_warning(tmp_path):
+    """torch 2.14 warns that `broadcast_buffers` is deprecated, on every rank of every run; the
+    harness needs it (rank-local BN statistics), so the wrapper builds DDP without the warning."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from single_stage_detector.train import _wrap_ddp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ddp = _wrap_ddp(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.device("cpu"))
+        assert ddp.broadcast_buffers is False
+    finally:
+        dist.destroy_process_group()

@@ -574,6 +574,18 @@ def test_torch_to_numpy_refuses_other_networks(tmp_path):
     assert not (tmp_path / "out.npz").exists()
 
 
+def test_torch_to_numpy_names_the_cause_for_a_file_that_is_no_checkpoint(tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+    res = run([sys.executable, TORCH_TO_NUMPY, tmp_path / "notes.pth", tmp_path / "out.npz"])
+    assert res.returncode == 2
+    line = res.stderr.strip()
+    assert line.startswith(f"torch_to_numpy.py: error: {tmp_path / 'notes.pth'}: cannot be read as a PyTorch "
+                           "checkpoint (UnpicklingError: "), line
+    assert "weights_only" not in line and "\n" not in line, line  # not torch's advice
+    assert not (tmp_path / "out.npz").exists()
+
+
 def test_package_loader_reads_npz_bit_identically(tmp_path, resnet_pth):
     try:
         from single_stage_detector.models.backbone_weights import load_backbone_state_dict

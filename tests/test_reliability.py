@@ -190,6 +190,26 @@ def test_resume_after_epoch_limit_is_exact_lr_included(coco, reference, tmp_path
     assert "not a valid timed result" in report
 
 
+def test_fresh_run_in_an_earlier_runs_folder_keeps_its_own_resume_checkpoints(coco, reference, tmp_path):
+    """An earlier run's resume checkpoints (epochs 3, 4) are moved to checkpoints.1/: otherwise
+    pruning (newest steps kept) deletes the new run's own, and --resume auto picks the earlier run's."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    earlier = sorted(p.name for p in (out / RESUME_DIR).iterdir())
+    args = [*RUN, "--data-dir", str(coco), "--output-dir", str(out), "--num-workers", "0", "--seed", "6",
+            "--eval-epochs", "1", "2"]
+    proc = _train([*args, "--epochs", "1"], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"were kept as {out / (RESUME_DIR + '.1')}" in proc.stdout
+    assert sorted(p.name for p in (out / f"{RESUME_DIR}.1").iterdir()) == earlier
+    assert [p.name for p in list_resume_checkpoints(out)] == ["resume-e00001-s00000004.pt"]
+    proc = _train([*args, "--epochs", "2", "--resume", "auto"], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "resume-e00001-s00000004.pt" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_sigterm_mid_epoch_then_resume_with_workers_is_exact(coco, reference, tmp_path):
     """SIGTERM inside epoch 3 (2 workers): the step finishes, a checkpoint is written, exit 5; the
     resumed run ends bit-identical to the uninterrupted one (which had no worker)."""
@@ -208,6 +228,20 @@ def test_sigterm_mid_epoch_then_resume_with_workers_is_exact(coco, reference, tm
     assert second.returncode == 3, second.stderr[-3000:]
     _assert_bit_identical(_weights(reference), _weights(out))
     assert _lrs(out) == _lrs(reference)
+
+
+def test_stop_before_the_first_evaluation_writes_strict_json(coco, tmp_path):
+    """No AP yet: result.json says null (NaN is not JSON; strict readers such as jq or JavaScript refuse it)."""
+    args = [*RUN, "--data-dir", str(coco), "--output-dir", "out", "--num-workers", "0", "--epochs", "4"]
+    rc, output, _ = _train_until(args, tmp_path, "epoch 1/4 step 1/4")
+    assert rc == 5, output[-3000:]
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in result.json")
+
+    result = json.loads((tmp_path / "out" / "result.json").read_text(), parse_constant=refuse)
+    assert result["ap"] is None and result["stopped_by"] == "SIGTERM"
+    assert "final mAP         none (no evaluation ran)" in output
 
 
 DALI_ARGS = ["--num-workers", "1", "--data-backend", "dali"]

@@ -197,6 +197,47 @@ def test_score_warns_when_hyperparameters_differ(five_runs, tmp_path, capsys):
     assert "warning: the runs differ in opt_base_learning_rate (" in out and "in 4 run(s)" in out
 
 
+def test_score_of_several_batch_sizes_says_why_the_rcp_check_is_not_run(five_runs, tmp_path, capsys):
+    """The official RCP checker crashes (KeyError: None) on runs of several global batch sizes."""
+    folder, _ = five_runs
+    mixed = tmp_path / "batches"
+    mixed.mkdir()
+    for i, p in enumerate(sorted(folder.glob("*.log"))):
+        def fn(r, i=i):
+            if r["key"] == "global_batch_size" and i == 4:
+                r = {**r, "value": 16}
+            return [r]
+        _edit(p, mixed / p.name, fn)
+    assert main(["score", str(mixed)]) == 0
+    out = capsys.readouterr().out
+    assert ("RCP check (rcp_checker --rcp_version 1.1.0): not run: the runs differ in global batch size (8, 16)"
+            in out), out
+    assert "KeyError" not in out
+    assert main(["score", "--json", str(mixed)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rcp"]["passed"] is None and "differ in global batch size" in rep["rcp"]["message"]
+
+
+def test_score_gives_a_resumed_log_no_time_to_train(five_runs, tmp_path, capsys):
+    """A log continued by --resume is two runs' pieces: no time to train (its first run_stop only
+    ends the first piece), not converged."""
+    from single_stage_detector.tools.score import summarize_run
+
+    folder, _ = five_runs
+    src = sorted(folder.glob("*.log"))[0]
+
+    def fn(r):
+        if r["key"] == "run_stop":  # the first piece stopped, the second resumed and finished
+            return [r, {**r, "key": "run_resumed", "value": "resume-e00001.pt", "metadata": {}}]
+        return [r]
+    log = _edit(src, tmp_path / "resumed.log", fn)
+    run = summarize_run(log)
+    assert run.status == "resumed" and not run.converged and run.time_to_train_s is None and run.minutes is None
+    assert main(["score", "--no-rcp", str(log)]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(str(log)))
+    assert row.split()[1:6] == ["resumed", "no", "-", "-", "-"], row
+
+
 def test_olympic_score_non_converged_runs(tiny_run, five_runs):
     folder, minutes = five_runs
     runs = [summarize_run(p) for p in sorted(folder.glob("*.log"))]
@@ -327,6 +368,42 @@ def test_show_detections_grid(tiny_run, tmp_path, capsys):
         colors = {c for _, c in im.convert("RGB").getcolors(maxcolors=1 << 20)}
     assert (30, 200, 60) in colors  # ground truth drawn in green
     assert (230, 30, 30) in colors  # predictions in red
+
+
+def test_show_detections_start_past_the_split_is_bad_input(tiny_run, tmp_path, capsys):
+    """An index past the split is a bad flag value: one line naming --start, exit status 2."""
+    try:
+        code = main(["show-detections", str(tiny_run / "checkpoint.pt"), "--output", str(tmp_path / "d.png"),
+                     "--start", "999"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --start 999: ") and "8 images" in err[0], err
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_eval_only_announces_an_evaluation_not_a_training_schedule(tiny_run, tmp_path):
+    proc = run_cli(["train", "--preset", "ssd_tiny", "--data-dir", str(tiny_run.parent / "data"), "--eval-only",
+                    "--init-checkpoint", str(tiny_run / "checkpoint.pt"), "--output-dir", str(tmp_path / "eo"),
+                    "--num-workers", "0", "--eval-batch-size", "8"], cwd=tmp_path, timeout=600)
+    assert proc.returncode in (0, 3), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--eval-only: one evaluation of the --init-checkpoint weights on 8 val images, no training" in proc.stdout
+    assert "evaluating after epochs" not in proc.stdout and "steps/epoch" not in proc.stdout
+
+
+def test_summary_names_only_the_files_written(tmp_path, capsys):
+    """A run stopped by a signal (or without evaluation) has no checkpoint.pt and no AP: the
+    summary says so instead of listing the file and printing 'nan'."""
+    from single_stage_detector.__main__ import _print_summary
+    from single_stage_detector.train import RunResult
+
+    for name in ("config.json", "metrics.jsonl", "result.json", "checkpoint.pt"):  # checkpoint.pt: an earlier run's
+        (tmp_path / name).write_text("{}")
+    _print_summary(RunResult(status="aborted", ap=float("nan"), epochs=0, time_to_train_s=1.0,
+                             log_file=str(tmp_path / "mlperf.log"), output_dir=str(tmp_path), stopped_by="SIGTERM"))
+    out = capsys.readouterr().out
+    assert f"output folder     {tmp_path} (config.json, metrics.jsonl, result.json)\n" in out, out
+    assert "final mAP         none (no evaluation ran)" in out and "nan" not in out, out
 
 
 # -- demo target and docs -------------------------------------------------------------------------

@@ -103,8 +103,10 @@ def _read_raw(path: Path) -> dict[str, Tensor]:
     except BackboneWeightsError:
         raise
     except Exception as exc:  # pickle, zip, numpy and torch all raise their own types
+        from ..checkpoint import load_error_reason
+
         raise BackboneWeightsError(
-            f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc}); the file may be "
+            f"{path}: cannot read backbone weights ({load_error_reason(exc)}); the file may be "
             f"truncated or corrupt, {_GET_HINT}"
         ) from exc
 

@@ -21,7 +21,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
             ("kmeans-anchors", kmeans_anchors, "YOLO anchors by k-means (1 - IoU) of a COCO file's boxes, with "
                                                "mean IoU and best-possible recall"),
             ("darknet-weights", darknet_weights_cli, "darknet .weights files to and from checkpoint.pt (YOLOv3, YOLOv2)")):
-        sub.add_parser(name, help=text, description=(module.__doc__ or "").strip().split("\n\n")[0],
+        # The module docstring's first paragraph, without its reStructuredText literal markup.
+        sub.add_parser(name, help=text, description=(module.__doc__ or "").strip().split("\n\n")[0].replace("``", ""),
                        populate=module.add_arguments).set_defaults(func=module.main)
 
 

@@ -261,7 +261,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = require_logs(args.logs)
+    logs = require_logs(args.logs, mlperf_only=True)
     from ..config import ConfigError
 
     if args.metrics and len(logs) > 1:

@@ -57,7 +57,9 @@ def summarize_run(log_file) -> RunSummary:
     value = lambda key: first(key).value if first(key) is not None else None  # noqa: E731
     return RunSummary(
         log=str(log_file), status=status, converged=converged,
-        time_to_train_s=(stop.time_ms - start.time_ms) / 1000.0 if start is not None and stop is not None else None,
+        # A resumed log is two runs' pieces: its first run_start .. run_stop is only the first piece.
+        time_to_train_s=((stop.time_ms - start.time_ms) / 1000.0
+                         if start is not None and stop is not None and status != "resumed" else None),
         epochs_to_converge=epochs, best_accuracy=max(values) if values else None, evaluations=len(evals),
         global_batch_size=value("global_batch_size"), division=value("submission_division"), seed=value("seed"),
         benchmark=value("submission_benchmark"),
@@ -157,11 +159,15 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs = require_logs(args.logs)
+    logs = require_logs(args.logs, mlperf_only=True)
     runs = [summarize_run(f) for f in logs]
     score = olympic_score(runs)
-    rcp = None if args.no_rcp else check_rcp(logs, args.rcp_version)
     batch_sizes = sorted({r.global_batch_size for r in runs if r.global_batch_size is not None})
+    # The RCP checker compares the runs of one global batch size with that size's reference
+    # points; given several sizes it crashes (KeyError: None) instead of saying so.
+    rcp_skipped = (f"not run: the runs differ in global batch size ({', '.join(map(str, batch_sizes))}); "
+                   f"the RCP check is over runs of one batch size") if len(batch_sizes) > 1 else None
+    rcp = None if args.no_rcp or rcp_skipped else check_rcp(logs, args.rcp_version)
     reasons = drop_reasons(runs, score)
     counted = [r for r in runs if r.log not in reasons and r.minutes is not None] if score.minutes is not None else []
     counted_spread = spread([r.minutes for r in counted])
@@ -173,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
             "score_minutes": score.minutes, "score_runs": score.runs, "converged_runs": score.converged,
             "dropped": score.dropped, "note": score.note, "global_batch_size": batch_sizes,
             "spread_minutes": counted_spread, "hyperparameter_differences": diffs,
-            "rcp": None if rcp is None else {"version": args.rcp_version, "passed": rcp.ok, "message": rcp.message},
+            "rcp": ({"version": args.rcp_version, "passed": None, "message": rcp_skipped}
+                    if rcp_skipped and not args.no_rcp else
+                    None if rcp is None else {"version": args.rcp_version, "passed": rcp.ok, "message": rcp.message}),
         }
         print(json.dumps(out, indent=2))
         return 0
@@ -206,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = [r.seed for r in runs if r.seed is not None]
     if len(seeds) > 1 and len(set(seeds)) < len(seeds):
         print("warning: several runs share a seed: they are repeats of one run, not independent trials")
+    if rcp_skipped and not args.no_rcp:
+        print(f"RCP check (rcp_checker --rcp_version {args.rcp_version}): {rcp_skipped}")
     if rcp is not None:
         bs = ", ".join(map(str, batch_sizes)) or "?"
         print(f"RCP check (rcp_checker --rcp_version {args.rcp_version}, global batch size {bs}): "

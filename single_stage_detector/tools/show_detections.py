@@ -70,7 +70,10 @@ def render_grid(checkpoint: str | os.PathLike | dict, data_dir: str | os.PathLik
     dataset = CocoDetection.from_dir(data_dir, split, transform=family_of(preset).eval_transform(preset))
     indices = list(range(start, min(len(dataset), start + num_images)))
     if not indices:
-        raise SystemExit(f"error: no images in the {split} split of {data_dir} from index {start}")
+        from ..config import ConfigError
+
+        raise ConfigError(f"--start {start}: the {split} split of {data_dir} has {len(dataset)} images "
+                          f"(first index 0, last {len(dataset) - 1})")
     cols = max(1, min(cols, len(indices)))
     rows = math.ceil(len(indices) / cols)
     grid = Image.new("RGB", (cols * cell, rows * cell), BACKGROUND)
