@@ -218,6 +218,10 @@ def test_invalid_json(tmp_path: Path):
     (lambda d: d["images"][0].pop("file_name"), "(id 4)"),
     (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, 3]), "annotation 10"),
     (lambda d: d["annotations"][0].__setitem__("image_id", 77), "annotation 10 refers to image id 77"),
+    # The JSON types by their JSON names (object, array, integer), not Python's (dict, list, int).
+    (lambda d: d.__setitem__("annotations", {}), "'annotations' is an object, expected an array"),
+    (lambda d: d["images"].__setitem__(0, 5), "image entry #0 is an integer, not an object"),
+    (lambda d: d["annotations"][0].__setitem__("id", 10.0), "(a number written with a decimal point)"),
 ])
 def test_missing_keys(tmp_path: Path, mutate, needle):
     data = _coco_dict()

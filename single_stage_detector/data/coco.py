@@ -349,21 +349,35 @@ def _load_json(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read annotation file {path}: {e}") from None
     if not isinstance(data, dict):
-        raise DatasetError(f"{path}: top level is a {type(data).__name__}, expected a JSON object")
+        raise DatasetError(f"{path}: the top level is {_json_kind(data)}, expected an object")
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise DatasetError(f"{path}: missing top-level key(s) {missing}")
     for k in ("images", "annotations", "categories"):
         if not isinstance(data[k], list):
-            raise DatasetError(f"{path}: '{k}' is a {type(data[k]).__name__}, expected a list")
+            raise DatasetError(f"{path}: '{k}' is {_json_kind(data[k])}, expected an array")
     return data
+
+
+def _json_kind(value: Any) -> str:
+    """``value``'s JSON type, with its article, for messages about a JSON file: "an object",
+    "an array", "a string", "an integer", "a non-integer number", "a boolean", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a non-integer number" if not value.is_integer() else "a number written with a decimal point"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _entry_error(path: Path, kind: str, entries: Sequence[Any], keys: Sequence[str]) -> DatasetError:
     """Find the first malformed entry (slow path, only after the fast path failed)."""
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
-            return DatasetError(f"{path}: {kind} entry #{i} is a {type(e).__name__}, not an object")
+            return DatasetError(f"{path}: {kind} entry #{i} is {_json_kind(e)}, not an object")
         missing = [k for k in keys if k not in e]
         if missing:
             return DatasetError(f"{path}: {kind} entry #{i} (id {e.get('id', '?')}) misses key(s) {missing}")
@@ -397,7 +411,7 @@ def _check_integer_ids(path: Path, images: Sequence[Any], anns: Sequence[Any]) -
                 v = e[key]
                 if type(v) is not int:
                     raise DatasetError(f"{path}: {kind} entry #{i} (id {e.get('id', '?')!r}) has '{key}' = {v!r} "
-                                       f"({type(v).__name__}); COCO ids must be JSON integers")
+                                       f"({_json_kind(v)}); COCO ids must be JSON integers")
 
 
 class CocoDetection(Dataset):
