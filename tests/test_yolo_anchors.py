@@ -187,6 +187,18 @@ def test_box_shapes_from_coco_errors_name_the_file(tmp_path):
     no_bbox.write_text(json.dumps({"images": [{"id": 1, "width": 4, "height": 4}], "annotations": [{"image_id": 1}]}))
     with pytest.raises(ValueError, match=r"no_bbox.json: annotations\[0\] has no 'bbox'"):
         box_shapes_from_coco(no_bbox, 416)
+    image = {"id": 1, "width": 4, "height": 4}
+    malformed = r"annotations\[1\] \(id {}\) has a malformed bbox"
+    for name, entry, needle in (
+            ("short_bbox", {"id": 7, "image_id": 1, "bbox": [0, 0, 1]}, malformed.format(7)),
+            ("bbox_object", {"id": 8, "image_id": 1, "bbox": {"x": 0}}, malformed.format(8)),
+            ("null_image_id", {"id": 9, "image_id": None, "bbox": [0, 0, 1, 1]},
+             r"annotations\[1\] \(id 9\) has a non-numeric 'image_id'")):
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps({"images": [image], "annotations": [
+            {"id": 6, "image_id": 1, "bbox": [0, 0, 1, 1]}, entry]}))
+        with pytest.raises(ValueError, match=f"{name}.json: " + needle):
+            box_shapes_from_coco(bad, 416)
     no_images = tmp_path / "no_images.json"
     no_images.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match="no_images.json: no 'images'"):

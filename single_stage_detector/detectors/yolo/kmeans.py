@@ -84,13 +84,27 @@ class AnchorFitness(NamedTuple):
 
 
 def _bad_entry(path: str, kind: str, entries: Sequence, keys: Sequence[str]) -> ValueError:
-    """The error naming the first entry of ``entries`` that lacks one of ``keys`` (or is not a dict)."""
+    """The error naming the first entry of ``entries`` that is not an object, lacks one of
+    ``keys``, or holds a value of the wrong shape (a ``bbox`` not of 4 numbers, an id or a
+    size that is not a number)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             return ValueError(f"{path}: {kind}[{i}] is not an object")
         missing = [k for k in keys if k not in entry]
         if missing:
             return ValueError(f"{path}: {kind}[{i}] has no {', '.join(repr(k) for k in missing)}")
+        name = f"{kind}[{i}] (id {entry.get('id', '?')})"
+        for k in keys:
+            v = entry[k]
+            if k == "bbox" and not (isinstance(v, list) and len(v) == 4 and all(number(x) for x in v)):
+                return ValueError(f"{path}: {name} has a malformed bbox {v!r} (expected [x, y, width, height])")
+            if k != "bbox" and not number(v):
+                return ValueError(f"{path}: {name} has a non-numeric {k!r}: {v!r}")
+        if kind == "annotations" and "iscrowd" in entry and not number(entry["iscrowd"]):
+            return ValueError(f"{path}: {name} has a non-numeric 'iscrowd': {entry['iscrowd']!r}")
     return ValueError(f"{path}: malformed {kind} entries (expected {', '.join(keys)})")
 
 
