@@ -342,10 +342,29 @@ def _error_line(e: BaseException) -> str:
     return str(e)
 
 
+def _plain_data_warnings() -> None:
+    """Print a ``DataWarning`` (an image skipped, boxes dropped: data/coco.py) as one ``warning:``
+    line, like the ``error:`` lines, instead of Python's ``<source file>:<line>: DataWarning:``
+    prefix and the source line. Other warnings keep Python's format. Loader workers forked
+    later inherit it."""
+    import warnings
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "DataWarning":  # by name: importing data.coco would import torch
+            print(f"warning: {message}", file=file if file is not None else sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    _plain_data_warnings()
     try:
         return args.func(args)
     except KeyboardInterrupt:

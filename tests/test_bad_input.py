@@ -168,7 +168,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return run_cli(args, cwd=cwd, timeout=600)
 
 
-_WARNING = re.compile(r"(?:DataWarning|UserWarning): (.*)$")
+_WARNING = re.compile(r"(?:^warning|DataWarning|UserWarning): (.*)$")
 
 
 def _data_warnings(stderr: str) -> list[str]:
