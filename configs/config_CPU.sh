@@ -4,7 +4,8 @@
 # The small ssd_tiny preset on the embedded synthetic dataset, with the hyperparameters of
 # `python -m single_stage_detector demo` (DEMO_DEFAULTS in single_stage_detector/__main__.py).
 # The trainer generates the synthetic dataset (2,000 train / 250 val images) into DATADIR
-# when it holds none; it reaches the 0.23 target in about 2 epochs (~2 min on 2 idle cores).
+# when it holds none; it reaches the 0.23 target after 2 or 3 epochs, depending on the CPU
+# (float results differ between CPUs), in about 1.5-2.5 min on 2 idle cores.
 # Division: open (not the benchmark model).
 #
 #   DGXNGPU   CPU processes (gloo; torchrun when > 1), default 1. The global batch stays 32
