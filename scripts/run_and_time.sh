@@ -32,9 +32,13 @@
 #                LOGDIR/RUN_NAME/ (config, metrics, checkpoint); unset: NEXP trials as above
 #   NEXP         trials when RUN_NAME is unset (default 1)
 #   DATESTAMP    stem of the trials' names (default: the start time, yymmddHHMMSS)
-#   BACKBONE     ImageNet ResNet-34 file for --pretrained-backbone; default: the first of
-#                BACKBONE_DIR/resnet34-backbone.npz, DATADIR/resnet34-backbone.npz that exists;
+#   BACKBONE     backbone weights file for --pretrained-backbone; default: the first of
+#                BACKBONE_DIR/BACKBONE_FILE, DATADIR/BACKBONE_FILE that exists;
 #                BACKBONE=none passes nothing
+#   BACKBONE_FILE  the file name looked up there (default resnet34-backbone.npz, optional: none
+#                found, nothing passed); a config that names its backbone file (the YOLO ones)
+#                sets it, and the run then stops when neither folder holds it. A name, not a
+#                path, so that it resolves where this script runs (inside the container)
 #   CLEAR_CACHES 1 if the page cache was dropped before this run (logged as cache_clear)
 #   PYTHON       interpreter (default: <repo>/.venv/bin/python if present, else python3)
 # Arguments are passed to the trainer after EXTRA_PARAMS, so they override it.
@@ -106,9 +110,14 @@ read -r -a extra_params <<< "${EXTRA_PARAMS//$'\n'/ }"
 
 backbone_args=()
 if [[ -z "${BACKBONE:-}" ]]; then
-    for candidate in ${BACKBONE_DIR:+"${BACKBONE_DIR}/resnet34-backbone.npz"} "${DATADIR}/resnet34-backbone.npz"; do
+    backbone_file="${BACKBONE_FILE:-resnet34-backbone.npz}"
+    [[ "${backbone_file}" != */* ]] || die "BACKBONE_FILE must be a file name, not a path: '${backbone_file}' (or set BACKBONE)"
+    for candidate in ${BACKBONE_DIR:+"${BACKBONE_DIR}/${backbone_file}"} "${DATADIR}/${backbone_file}"; do
         if [[ -f "${candidate}" ]]; then BACKBONE="${candidate}"; break; fi
     done
+    if [[ -z "${BACKBONE:-}" && -n "${BACKBONE_FILE:-}" ]]; then
+        die "BACKBONE_FILE=${BACKBONE_FILE} is in neither ${BACKBONE_DIR:+BACKBONE_DIR (${BACKBONE_DIR}) nor }DATADIR (${DATADIR})"
+    fi
 fi
 if [[ -n "${BACKBONE:-}" && "${BACKBONE}" != none ]]; then
     [[ -f "${BACKBONE}" ]] || die "BACKBONE=${BACKBONE}: no such file"

@@ -258,7 +258,7 @@ def test_yolov3_config_is_darknets_schedule():
     assert round(500_200 / steps_per_epoch) == cfg.epochs == 273
     assert [round(s / steps_per_epoch) for s in (400_000, 450_000)] == list(cfg.lr_decay_epochs) == [218, 246]
     assert tuple(cfg.multi_scale) == (320, 608) and cfg.momentum == 0.9 and cfg.weight_decay == 5e-4
-    assert v["BACKBONE"].endswith("darknet53.conv.74")
+    assert v["BACKBONE_FILE"] == "darknet53.conv.74" and "BACKBONE" not in v
 
 
 def test_gpu_config_recipes():
@@ -423,6 +423,38 @@ def test_run_with_docker_cache_clear_denied_failures_and_mounts(fake_docker, tmp
     run = next(c for c in docker_calls(state) if c[0] == "run" and "--detach" in c)
     assert f"{backbone}:/backbone:ro" in run and "--gpus" not in run
     assert docker_calls(state)[-1][:2] == ["rm", "--force"]
+
+
+def test_run_with_docker_yolo_backbone_resolves_inside_the_container(fake_docker, tmp_path):
+    """A config's backbone file is a name looked up inside the container (BACKBONE_DIR=/backbone,
+    DATADIR=/data), never a host path that the container does not have."""
+    env, state = fake_docker
+    data, backbone = tmp_path / "data", tmp_path / "backbone"
+    data.mkdir()
+    backbone.mkdir()
+    env.update(CONT="ssd:test", DATADIR=str(data), LOGDIR=str(tmp_path / "logs"), DGXSYSTEM="1xH100_YOLOV1",
+               BACKBONE_DIR=str(backbone), CLEAR_CACHES="0", FAKE_DOCKER_EXEC_STUB="0")
+    proc = run_with_docker(env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    run = next(c for c in docker_calls(state) if c[0] == "run" and "--detach" in c)
+    envs = [run[i + 1] for i, a in enumerate(run) if a == "--env"]
+    assert "BACKBONE_FILE=resnet34-333f7ec4.pth" in envs and "BACKBONE_DIR=/backbone" in envs
+    assert not [e for e in envs if str(tmp_path) in e], envs  # no host path in the container's environment
+
+
+def test_run_and_time_finds_the_configs_backbone_file(tmp_path, echo_python):
+    data, backbone = tmp_path / "data", tmp_path / "backbone"
+    data.mkdir()
+    backbone.mkdir()
+    proc = _run_and_time(tmp_path, config="config_1xH100_YOLOV2.sh", PYTHON=echo_python, BACKBONE_DIR=str(backbone))
+    assert proc.returncode == 2 and "BACKBONE_FILE=darknet19_448.conv.23 is in neither" in proc.stderr
+    (data / "darknet19_448.conv.23").write_bytes(b"")
+    proc = _run_and_time(tmp_path, config="config_1xH100_YOLOV2.sh", PYTHON=echo_python, BACKBONE_DIR=str(backbone))
+    assert proc.returncode == 0, proc.stderr
+    assert f"--pretrained-backbone {data / 'darknet19_448.conv.23'}" in proc.stdout
+    (backbone / "darknet19_448.conv.23").write_bytes(b"")  # BACKBONE_DIR first
+    proc = _run_and_time(tmp_path, config="config_1xH100_YOLOV2.sh", PYTHON=echo_python, BACKBONE_DIR=str(backbone))
+    assert f"--pretrained-backbone {backbone / 'darknet19_448.conv.23'}" in proc.stdout
 
 
 def test_run_with_docker_success_exit_status(fake_docker, tmp_path):
