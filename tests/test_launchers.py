@@ -235,6 +235,8 @@ def test_config_sets_the_contract_and_valid_trainer_flags(config):
     assert config.read_text().startswith("# shellcheck shell=bash\n# config_")  # documented header
     cfg = _trainer_config(v)
     assert cfg.batch_size == int(v["BATCHSIZE"])
+    # The run's last epoch is evaluated: a run that ends at the epoch limit scores its final weights.
+    assert cfg.evaluation_epochs()[-1] == cfg.epochs
     if v["DGXSYSTEM"] != "CPU":
         assert cfg.device == "cuda" and not cfg.synthetic  # no silent fall-back to the CPU
     if v["DGXSYSTEM"] != "CPU" and cfg.preset == "ssd300_resnet34":  # the benchmark: closed-division rules
