@@ -47,6 +47,8 @@
 # SIGTERM/SIGINT with a checkpoint, 6 outputs not writable,
 # 4 non-finite loss; other values: crash or launcher error). torchrun reports any failure
 # as 1; a stopped (5) or aborted (3) run is still told apart through the run's result.json.
+# Under SLURM only rank 0's task exits 3 or 5 (the others 0), so that srun --kill-on-bad-exit
+# does not end the step before rank 0 has written result.json and the RESULT line.
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -200,6 +202,14 @@ while kill -0 "${trainer}" 2> /dev/null; do  # a trapped signal ends `wait` earl
 done
 trap - TERM INT
 set -e
+# Under srun --kill-on-bad-exit (run.sub) the first task that exits non-zero ends the whole
+# step. A run that ended as planned without success (3: aborted, 5: stopped by a signal) ends
+# with that status on every rank, but rank 0 still writes result.json and prints the RESULT
+# line after the others have left the final barrier: the other ranks exit 0 so that SLURM does
+# not kill rank 0 mid-way; the step's status is rank 0's.
+if [[ "${LAUNCHER}" == slurm && "${RANK0}" -eq 0 ]] && [[ "${status}" -eq 3 || "${status}" -eq 5 ]]; then
+    status=0
+fi
 # torchrun exits 1 whatever its processes' status was: recover "stopped by a signal" (5) and
 # "aborted" (3) from result.json.
 if [[ "${LAUNCHER}" == torchrun && "${status}" -ne 0 && -f "${result_json}" ]]; then

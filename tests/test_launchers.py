@@ -629,6 +629,13 @@ def test_run_and_time_launch_modes(tmp_path, echo_python):
         assert "MASTER_ADDR=node001" in proc.stdout
         assert proc.stdout.count("RESULT,SINGLE_STAGE_DETECTOR") == result_lines
 
+    # Aborted (3) or stopped (5): only rank 0 reports it, so srun --kill-on-bad-exit does not end
+    # the step while rank 0 still writes result.json; a failure (4) ends it from any rank.
+    for status in ("3", "5", "4"):
+        for rank, expected in (("0", status), ("9", "0" if status in ("3", "5") else status)):
+            proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID=rank,
+                                 SLURM_NTASKS="64", SLURM_LOCALID="1", MASTER_ADDR="node001", FAKE_STATUS=status)
+            assert str(proc.returncode) == expected, (status, rank, proc.stderr)
     proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID="0",
                          SLURM_NTASKS="16")
     assert proc.returncode == 2 and "SLURM started 16 tasks" in proc.stderr
