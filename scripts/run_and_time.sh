@@ -148,12 +148,9 @@ case "${LAUNCHER}" in
         if [[ "${SLURM_NTASKS:-1}" -ne "${expected}" ]]; then
             die "SLURM started ${SLURM_NTASKS:-1} tasks, the config wants DGXNNODES x DGXNGPU = ${expected}"
         fi
-        # The trainer's rendezvous: the first node of the allocation (run.sub sets it too).
-        if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol > /dev/null; then
-            MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
-            export MASTER_ADDR
-        fi
-        export MASTER_PORT="${MASTER_PORT:-29500}"
+        # The rendezvous: MASTER_ADDR / MASTER_PORT when set (run.sub sets them), else the
+        # trainer's own choice: the first node of the step (SLURM_STEP_NODELIST) and port
+        # 29500 + SLURM_JOB_ID mod 1000, so that jobs sharing a node do not collide.
         [[ "${SLURM_PROCID}" -eq 0 ]] || RANK0=0
         launch=("${PYTHON}" -m single_stage_detector train)
         ;;

@@ -574,7 +574,7 @@ def echo_python(tmp_path):
     fake.write_text(textwrap.dedent("""\
         #!/bin/sh
         echo "ARGV $*"
-        echo "ENV MASTER_ADDR=${MASTER_ADDR:-} MLPERF_SUBMISSION_PLATFORM=${MLPERF_SUBMISSION_PLATFORM:-}"
+        echo "ENV MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-} MLPERF_SUBMISSION_PLATFORM=${MLPERF_SUBMISSION_PLATFORM:-}"
         exit "${FAKE_STATUS:-0}"
         """))
     fake.chmod(0o755)
@@ -636,6 +636,11 @@ def test_run_and_time_launch_modes(tmp_path, echo_python):
             proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID=rank,
                                  SLURM_NTASKS="64", SLURM_LOCALID="1", MASTER_ADDR="node001", FAKE_STATUS=status)
             assert str(proc.returncode) == expected, (status, rank, proc.stderr)
+    # Without MASTER_ADDR / MASTER_PORT the trainer picks them from the step (its port depends on
+    # the job id, so that jobs sharing a node do not collide): the launcher sets neither.
+    proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID="0",
+                         SLURM_NTASKS="64", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[001-008]")
+    assert proc.returncode == 0 and "ENV MASTER_ADDR= MASTER_PORT= " in proc.stdout, proc.stdout
     proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID="0",
                          SLURM_NTASKS="16")
     assert proc.returncode == 2 and "SLURM started 16 tasks" in proc.stderr
