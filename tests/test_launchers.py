@@ -233,6 +233,7 @@ def test_config_sets_the_contract_and_valid_trainer_flags(config):
     assert v["DGXSYSTEM"] == config.stem.removeprefix("config_")
     assert re.fullmatch(r"\d\d:\d\d:\d\d", v["WALLTIME"])
     assert config.read_text().startswith("# shellcheck shell=bash\n# config_")  # documented header
+    assert f"| `{config.name}` |" in (REPO / "configs" / "README.md").read_text()  # in the configs' table
     cfg = _trainer_config(v)
     assert cfg.batch_size == int(v["BATCHSIZE"])
     # The run's last epoch is evaluated: a run that ends at the epoch limit scores its final weights.
