@@ -665,13 +665,14 @@ def test_run_sub_with_fake_slurm(tmp_path):
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CONT="registry#ssd:v1",
                     DATADIR=str(tmp_path / "data"), LOGDIR=str(tmp_path / "logs"), DGXSYSTEM="DGXH100_8x8",
                     NEXP="2", SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="8", SLURM_JOB_NODELIST="node[001-008]",
-                    SLURM_SUBMIT_DIR=str(REPO), DATESTAMP="d")
+                    SLURM_SUBMIT_DIR=str(REPO), DATESTAMP="d", SLURM_CPUS_ON_NODE="224")
     proc = subprocess.run(["bash", str(REPO / "run.sub")], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = calls.read_text().splitlines()
     assert len(lines) == 4 and "drop_caches" in lines[0] and "--ntasks=8 --ntasks-per-node=1" in lines[0]
     train = lines[1]
     assert "--ntasks=64 --ntasks-per-node=8" in train and "--container-image=registry#ssd:v1" in train
+    assert "--cpus-per-task=28" in train  # the node's CPUs shared out, not srun's default of one per task
     assert "--gpus-per-node=8" in train and "--gpus-per-node" not in lines[0]  # GPUs for training only
     assert "--kill-on-bad-exit=1" in train  # one dead task ends the step, not the collective timeout
     assert f"--container-mounts={tmp_path / 'data'}:/data,{tmp_path / 'logs'}:/results" in train
