@@ -24,7 +24,8 @@ export DGXNGPU=1
 export BATCHSIZE=64
 export NEXP="${NEXP:-1}"
 export WALLTIME="${WALLTIME:-72:00:00}"
-export BACKBONE="${BACKBONE:-${BACKBONE_DIR:-${DATADIR:-/data}}/resnet34-333f7ec4.pth}"
+# Looked up by scripts/run_and_time.sh in BACKBONE_DIR, then DATADIR (inside the container).
+export BACKBONE_FILE=resnet34-333f7ec4.pth
 
 export EXTRA_PARAMS="--preset yolov1_resnet34 --device cuda --batch-size ${BATCHSIZE} --lr 0.01
  --momentum 0.9 --weight-decay 5e-4 --warmup-steps 3666 --warmup-factor 1 --epochs 135

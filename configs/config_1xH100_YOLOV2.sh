@@ -18,7 +18,8 @@ export DGXNGPU=1
 export BATCHSIZE=64
 export NEXP="${NEXP:-1}"
 export WALLTIME="${WALLTIME:-72:00:00}"
-export BACKBONE="${BACKBONE:-${BACKBONE_DIR:-${DATADIR:-/data}}/darknet19_448.conv.23}"
+# Looked up by scripts/run_and_time.sh in BACKBONE_DIR, then DATADIR (inside the container).
+export BACKBONE_FILE=darknet19_448.conv.23
 
 export EXTRA_PARAMS="--preset yolov2_darknet19 --device cuda --batch-size ${BATCHSIZE} --lr 0.001
  --momentum 0.9 --weight-decay 5e-4 --warmup-type power --warmup-power 4 --warmup-steps 1000

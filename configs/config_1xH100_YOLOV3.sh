@@ -9,6 +9,8 @@
 # over the batch and divided by it, as darknet divides its LR by the batch, so the LR is
 # darknet's. Backbone: darknet's ImageNet Darknet-53 (darknet53.conv.74, put it in
 # BACKBONE_DIR or DATADIR). Stops at the preset's target (COCO AP 0.30 at 416).
+# Evaluation every 10 epochs from epoch 103, so that the last one is after epoch 273, the
+# fully trained model.
 #
 #   CONT=<image> DATADIR=<dir> LOGDIR=<dir> DGXSYSTEM=1xH100_YOLOV3 ./run_with_docker.sh
 
@@ -18,9 +20,10 @@ export DGXNGPU=1
 export BATCHSIZE=64
 export NEXP="${NEXP:-1}"
 export WALLTIME="${WALLTIME:-99:00:00}"
-export BACKBONE="${BACKBONE:-${BACKBONE_DIR:-${DATADIR:-/data}}/darknet53.conv.74}"
+# Looked up by scripts/run_and_time.sh in BACKBONE_DIR, then DATADIR (inside the container).
+export BACKBONE_FILE=darknet53.conv.74
 
 export EXTRA_PARAMS="--preset yolov3_darknet53 --device cuda --batch-size ${BATCHSIZE} --lr 0.001
  --momentum 0.9 --weight-decay 5e-4 --warmup-type power --warmup-power 4 --warmup-steps 1000
- --epochs 273 --lr-decay-epochs 218 246 --multi-scale 320 608 --eval-every 10 --eval-start 100
+ --epochs 273 --lr-decay-epochs 218 246 --multi-scale 320 608 --eval-every 10 --eval-start 103
  --num-workers 16"

@@ -32,9 +32,13 @@
 #                LOGDIR/RUN_NAME/ (config, metrics, checkpoint); unset: NEXP trials as above
 #   NEXP         trials when RUN_NAME is unset (default 1)
 #   DATESTAMP    stem of the trials' names (default: the start time, yymmddHHMMSS)
-#   BACKBONE     ImageNet ResNet-34 file for --pretrained-backbone; default: the first of
-#                BACKBONE_DIR/resnet34-backbone.npz, DATADIR/resnet34-backbone.npz that exists;
+#   BACKBONE     backbone weights file for --pretrained-backbone; default: the first of
+#                BACKBONE_DIR/BACKBONE_FILE, DATADIR/BACKBONE_FILE that exists;
 #                BACKBONE=none passes nothing
+#   BACKBONE_FILE  the file name looked up there (default resnet34-backbone.npz, optional: none
+#                found, nothing passed); a config that names its backbone file (the YOLO ones)
+#                sets it, and the run then stops when neither folder holds it. A name, not a
+#                path, so that it resolves where this script runs (inside the container)
 #   CLEAR_CACHES 1 if the page cache was dropped before this run (logged as cache_clear)
 #   PYTHON       interpreter (default: <repo>/.venv/bin/python if present, else python3)
 # Arguments are passed to the trainer after EXTRA_PARAMS, so they override it.
@@ -43,6 +47,8 @@
 # SIGTERM/SIGINT with a checkpoint, 6 outputs not writable,
 # 4 non-finite loss; other values: crash or launcher error). torchrun reports any failure
 # as 1; a stopped (5) or aborted (3) run is still told apart through the run's result.json.
+# Under SLURM only rank 0's task exits 3 or 5 (the others 0), so that srun --kill-on-bad-exit
+# does not end the step before rank 0 has written result.json and the RESULT line.
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -106,9 +112,14 @@ read -r -a extra_params <<< "${EXTRA_PARAMS//$'\n'/ }"
 
 backbone_args=()
 if [[ -z "${BACKBONE:-}" ]]; then
-    for candidate in ${BACKBONE_DIR:+"${BACKBONE_DIR}/resnet34-backbone.npz"} "${DATADIR}/resnet34-backbone.npz"; do
+    backbone_file="${BACKBONE_FILE:-resnet34-backbone.npz}"
+    [[ "${backbone_file}" != */* ]] || die "BACKBONE_FILE must be a file name, not a path: '${backbone_file}' (or set BACKBONE)"
+    for candidate in ${BACKBONE_DIR:+"${BACKBONE_DIR}/${backbone_file}"} "${DATADIR}/${backbone_file}"; do
         if [[ -f "${candidate}" ]]; then BACKBONE="${candidate}"; break; fi
     done
+    if [[ -z "${BACKBONE:-}" && -n "${BACKBONE_FILE:-}" ]]; then
+        die "BACKBONE_FILE=${BACKBONE_FILE} is in neither ${BACKBONE_DIR:+BACKBONE_DIR (${BACKBONE_DIR}) nor }DATADIR (${DATADIR})"
+    fi
 fi
 if [[ -n "${BACKBONE:-}" && "${BACKBONE}" != none ]]; then
     [[ -f "${BACKBONE}" ]] || die "BACKBONE=${BACKBONE}: no such file"
@@ -137,12 +148,9 @@ case "${LAUNCHER}" in
         if [[ "${SLURM_NTASKS:-1}" -ne "${expected}" ]]; then
             die "SLURM started ${SLURM_NTASKS:-1} tasks, the config wants DGXNNODES x DGXNGPU = ${expected}"
         fi
-        # The trainer's rendezvous: the first node of the allocation (run.sub sets it too).
-        if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol > /dev/null; then
-            MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
-            export MASTER_ADDR
-        fi
-        export MASTER_PORT="${MASTER_PORT:-29500}"
+        # The rendezvous: MASTER_ADDR / MASTER_PORT when set (run.sub sets them), else the
+        # trainer's own choice: the first node of the step (SLURM_STEP_NODELIST) and port
+        # 29500 + SLURM_JOB_ID mod 1000, so that jobs sharing a node do not collide.
         [[ "${SLURM_PROCID}" -eq 0 ]] || RANK0=0
         launch=("${PYTHON}" -m single_stage_detector train)
         ;;
@@ -191,6 +199,14 @@ while kill -0 "${trainer}" 2> /dev/null; do  # a trapped signal ends `wait` earl
 done
 trap - TERM INT
 set -e
+# Under srun --kill-on-bad-exit (run.sub) the first task that exits non-zero ends the whole
+# step. A run that ended as planned without success (3: aborted, 5: stopped by a signal) ends
+# with that status on every rank, but rank 0 still writes result.json and prints the RESULT
+# line after the others have left the final barrier: the other ranks exit 0 so that SLURM does
+# not kill rank 0 mid-way; the step's status is rank 0's.
+if [[ "${LAUNCHER}" == slurm && "${RANK0}" -eq 0 ]] && [[ "${status}" -eq 3 || "${status}" -eq 5 ]]; then
+    status=0
+fi
 # torchrun exits 1 whatever its processes' status was: recover "stopped by a signal" (5) and
 # "aborted" (3) from result.json.
 if [[ "${LAUNCHER}" == torchrun && "${status}" -ne 0 && -f "${result_json}" ]]; then

@@ -233,8 +233,11 @@ def test_config_sets_the_contract_and_valid_trainer_flags(config):
     assert v["DGXSYSTEM"] == config.stem.removeprefix("config_")
     assert re.fullmatch(r"\d\d:\d\d:\d\d", v["WALLTIME"])
     assert config.read_text().startswith("# shellcheck shell=bash\n# config_")  # documented header
+    assert f"| `{config.name}` |" in (REPO / "configs" / "README.md").read_text()  # in the configs' table
     cfg = _trainer_config(v)
     assert cfg.batch_size == int(v["BATCHSIZE"])
+    # The run's last epoch is evaluated: a run that ends at the epoch limit scores its final weights.
+    assert cfg.evaluation_epochs()[-1] == cfg.epochs
     if v["DGXSYSTEM"] != "CPU":
         assert cfg.device == "cuda" and not cfg.synthetic  # no silent fall-back to the CPU
     if v["DGXSYSTEM"] != "CPU" and cfg.preset == "ssd300_resnet34":  # the benchmark: closed-division rules
@@ -258,7 +261,7 @@ def test_yolov3_config_is_darknets_schedule():
     assert round(500_200 / steps_per_epoch) == cfg.epochs == 273
     assert [round(s / steps_per_epoch) for s in (400_000, 450_000)] == list(cfg.lr_decay_epochs) == [218, 246]
     assert tuple(cfg.multi_scale) == (320, 608) and cfg.momentum == 0.9 and cfg.weight_decay == 5e-4
-    assert v["BACKBONE"].endswith("darknet53.conv.74")
+    assert v["BACKBONE_FILE"] == "darknet53.conv.74" and "BACKBONE" not in v
 
 
 def test_gpu_config_recipes():
@@ -425,6 +428,38 @@ def test_run_with_docker_cache_clear_denied_failures_and_mounts(fake_docker, tmp
     assert docker_calls(state)[-1][:2] == ["rm", "--force"]
 
 
+def test_run_with_docker_yolo_backbone_resolves_inside_the_container(fake_docker, tmp_path):
+    """A config's backbone file is a name looked up inside the container (BACKBONE_DIR=/backbone,
+    DATADIR=/data), never a host path that the container does not have."""
+    env, state = fake_docker
+    data, backbone = tmp_path / "data", tmp_path / "backbone"
+    data.mkdir()
+    backbone.mkdir()
+    env.update(CONT="ssd:test", DATADIR=str(data), LOGDIR=str(tmp_path / "logs"), DGXSYSTEM="1xH100_YOLOV1",
+               BACKBONE_DIR=str(backbone), CLEAR_CACHES="0", FAKE_DOCKER_EXEC_STUB="0")
+    proc = run_with_docker(env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    run = next(c for c in docker_calls(state) if c[0] == "run" and "--detach" in c)
+    envs = [run[i + 1] for i, a in enumerate(run) if a == "--env"]
+    assert "BACKBONE_FILE=resnet34-333f7ec4.pth" in envs and "BACKBONE_DIR=/backbone" in envs
+    assert not [e for e in envs if str(tmp_path) in e], envs  # no host path in the container's environment
+
+
+def test_run_and_time_finds_the_configs_backbone_file(tmp_path, echo_python):
+    data, backbone = tmp_path / "data", tmp_path / "backbone"
+    data.mkdir()
+    backbone.mkdir()
+    proc = _run_and_time(tmp_path, config="config_1xH100_YOLOV2.sh", PYTHON=echo_python, BACKBONE_DIR=str(backbone))
+    assert proc.returncode == 2 and "BACKBONE_FILE=darknet19_448.conv.23 is in neither" in proc.stderr
+    (data / "darknet19_448.conv.23").write_bytes(b"")
+    proc = _run_and_time(tmp_path, config="config_1xH100_YOLOV2.sh", PYTHON=echo_python, BACKBONE_DIR=str(backbone))
+    assert proc.returncode == 0, proc.stderr
+    assert f"--pretrained-backbone {data / 'darknet19_448.conv.23'}" in proc.stdout
+    (backbone / "darknet19_448.conv.23").write_bytes(b"")  # BACKBONE_DIR first
+    proc = _run_and_time(tmp_path, config="config_1xH100_YOLOV2.sh", PYTHON=echo_python, BACKBONE_DIR=str(backbone))
+    assert f"--pretrained-backbone {backbone / 'darknet19_448.conv.23'}" in proc.stdout
+
+
 def test_run_with_docker_success_exit_status(fake_docker, tmp_path):
     env, state = fake_docker
     env.update(CONT="ssd:test", DATADIR=str(tmp_path), LOGDIR=str(tmp_path / "logs"), DGXSYSTEM="DGXH100",
@@ -540,7 +575,7 @@ def echo_python(tmp_path):
     fake.write_text(textwrap.dedent("""\
         #!/bin/sh
         echo "ARGV $*"
-        echo "ENV MASTER_ADDR=${MASTER_ADDR:-} MLPERF_SUBMISSION_PLATFORM=${MLPERF_SUBMISSION_PLATFORM:-}"
+        echo "ENV MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-} MLPERF_SUBMISSION_PLATFORM=${MLPERF_SUBMISSION_PLATFORM:-}"
         exit "${FAKE_STATUS:-0}"
         """))
     fake.chmod(0o755)
@@ -595,6 +630,18 @@ def test_run_and_time_launch_modes(tmp_path, echo_python):
         assert "MASTER_ADDR=node001" in proc.stdout
         assert proc.stdout.count("RESULT,SINGLE_STAGE_DETECTOR") == result_lines
 
+    # Aborted (3) or stopped (5): only rank 0 reports it, so srun --kill-on-bad-exit does not end
+    # the step while rank 0 still writes result.json; a failure (4) ends it from any rank.
+    for status in ("3", "5", "4"):
+        for rank, expected in (("0", status), ("9", "0" if status in ("3", "5") else status)):
+            proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID=rank,
+                                 SLURM_NTASKS="64", SLURM_LOCALID="1", MASTER_ADDR="node001", FAKE_STATUS=status)
+            assert str(proc.returncode) == expected, (status, rank, proc.stderr)
+    # Without MASTER_ADDR / MASTER_PORT the trainer picks them from the step (its port depends on
+    # the job id, so that jobs sharing a node do not collide): the launcher sets neither.
+    proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID="0",
+                         SLURM_NTASKS="64", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[001-008]")
+    assert proc.returncode == 0 and "ENV MASTER_ADDR= MASTER_PORT= " in proc.stdout, proc.stdout
     proc = _run_and_time(tmp_path, config="config_DGXH100_8x8.sh", PYTHON=echo_python, SLURM_PROCID="0",
                          SLURM_NTASKS="16")
     assert proc.returncode == 2 and "SLURM started 16 tasks" in proc.stderr
@@ -618,13 +665,14 @@ def test_run_sub_with_fake_slurm(tmp_path):
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CONT="registry#ssd:v1",
                     DATADIR=str(tmp_path / "data"), LOGDIR=str(tmp_path / "logs"), DGXSYSTEM="DGXH100_8x8",
                     NEXP="2", SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="8", SLURM_JOB_NODELIST="node[001-008]",
-                    SLURM_SUBMIT_DIR=str(REPO), DATESTAMP="d")
+                    SLURM_SUBMIT_DIR=str(REPO), DATESTAMP="d", SLURM_CPUS_ON_NODE="224")
     proc = subprocess.run(["bash", str(REPO / "run.sub")], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = calls.read_text().splitlines()
     assert len(lines) == 4 and "drop_caches" in lines[0] and "--ntasks=8 --ntasks-per-node=1" in lines[0]
     train = lines[1]
     assert "--ntasks=64 --ntasks-per-node=8" in train and "--container-image=registry#ssd:v1" in train
+    assert "--cpus-per-task=28" in train  # the node's CPUs shared out, not srun's default of one per task
     assert "--gpus-per-node=8" in train and "--gpus-per-node" not in lines[0]  # GPUs for training only
     assert "--kill-on-bad-exit=1" in train  # one dead task ends the step, not the collective timeout
     assert f"--container-mounts={tmp_path / 'data'}:/data,{tmp_path / 'logs'}:/results" in train
