@@ -343,21 +343,24 @@ def _error_line(e: BaseException) -> str:
 
 
 def _plain_data_warnings() -> None:
-    """Print a ``DataWarning`` (an image skipped, boxes dropped: data/coco.py) as one ``warning:``
-    line, like the ``error:`` lines, instead of Python's ``<source file>:<line>: DataWarning:``
-    prefix and the source line. Other warnings keep Python's format. Loader workers forked
-    later inherit it."""
+    """Format a ``DataWarning`` (an image skipped, boxes dropped: data/coco.py) as one
+    ``warning:`` line, like the ``error:`` lines, instead of Python's ``<source file>:<line>:
+    DataWarning:`` prefix and the source line. Other warnings keep Python's format; warnings
+    recorded by ``warnings.catch_warnings(record=True)`` are untouched (they are not formatted).
+    Loader workers forked later inherit it."""
     import warnings
 
-    shown = warnings.showwarning
+    formatted = warnings.formatwarning
+    if getattr(formatted, "plain_data_warnings", False):  # main() called again in this process
+        return
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def format_warning(message, category, filename, lineno, line=None):
         if category.__name__ == "DataWarning":  # by name: importing data.coco would import torch
-            print(f"warning: {message}", file=file if file is not None else sys.stderr, flush=True)
-        else:
-            shown(message, category, filename, lineno, file, line)
+            return f"warning: {message}\n"
+        return formatted(message, category, filename, lineno, line)
 
-    warnings.showwarning = show
+    format_warning.plain_data_warnings = True
+    warnings.formatwarning = format_warning
 
 
 def main(argv: list[str] | None = None) -> int:

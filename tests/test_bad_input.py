@@ -192,6 +192,7 @@ def test_bad_input_same_behaviour_in_both_backends(row, base_dataset, tmp_path):
                      "--data-backend", backend, *flags], tmp_path)
         assert proc.returncode == exit_code, f"{backend}: {proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, f"{backend}: {proc.stderr[-3000:]}"
+        assert "DataWarning:" not in proc.stderr, f"{backend}: not a plain 'warning:' line: {proc.stderr[-3000:]}"
         errors = _error_lines(proc.stderr)
         if exit_code == 2:
             assert len(errors) == 1 and named in errors[0], f"{backend}: {proc.stderr[-3000:]}"

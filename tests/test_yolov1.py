@@ -365,7 +365,7 @@ def test_configs_follow_the_paper_and_the_seeds():
     v, cfg = _config_flags("1xH100_YOLOV1")
     assert cfg.preset == "yolov1_resnet34" and cfg.batch_size == 64 == int(v["BATCHSIZE"]) and cfg.lr == 0.01
     assert (cfg.momentum, cfg.weight_decay, cfg.epochs, tuple(cfg.lr_decay_epochs)) == (0.9, 5e-4, 135, (75, 105))
-    assert cfg.freeze_backbone_epochs > 0 and cfg.backbone_lr_mult < 1 and v["BACKBONE"].endswith("resnet34-333f7ec4.pth")
+    assert cfg.freeze_backbone_epochs > 0 and cfg.backbone_lr_mult < 1 and v["BACKBONE_FILE"] == "resnet34-333f7ec4.pth"
     assert cfg.warmup_steps == 2 * math.ceil(117_266 / 64)  # 2 epochs of COCO train2017 at batch 64 (last batch kept)
     # Seed 001: AdamW, cosine annealing, gradient clipping, 35 epochs (128 input, FC 1024, target 1 and
     # class weights are the preset's); from scratch.
