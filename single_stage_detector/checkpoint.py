@@ -192,15 +192,11 @@ def move_aside_resume_checkpoints(output_dir: str | os.PathLike) -> Path | None:
     keeps the highest steps, so the earlier run's later checkpoints would survive and this run's
     own be deleted, and ``--resume auto`` would then pick the earlier run's.
     """
+    from .mlperf_log import rename_to_first_free  # here: it loads mlperf_logging
+
     if not list_resume_checkpoints(output_dir):
         return None
-    folder = Path(output_dir) / RESUME_DIR
-    n = 1
-    while folder.with_name(f"{RESUME_DIR}.{n}").exists():
-        n += 1
-    target = folder.with_name(f"{RESUME_DIR}.{n}")
-    os.replace(folder, target)
-    return target
+    return rename_to_first_free(Path(output_dir) / RESUME_DIR)
 
 
 def prune_resume_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from mlperf_logging.mllog.mllog import MLLogger
 from mlperf_logging.mllog import constants as C
 
-__all__ = ["MLPerfLogger", "C", "HYPERPARAMETER_KEYS", "RESUMED_KEY", "move_aside"]
+__all__ = ["MLPerfLogger", "C", "HYPERPARAMETER_KEYS", "RESUMED_KEY", "move_aside", "rename_to_first_free"]
 
 # Not an MLPerf key: marks where a run resumed from a checkpoint appends to its log. A log
 # holding it is not a valid timed result (the rules time one uninterrupted run).
@@ -62,16 +62,22 @@ class _FlushingFileHandler(logging.FileHandler):
         raise  # noqa: PLE0704
 
 
-def move_aside(path: Path) -> Path | None:
-    """Rename a non-empty ``path`` to the first free ``path.N``; return the new name."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
+def rename_to_first_free(path: Path) -> Path:
+    """Rename ``path`` (a file or a folder) to the first free ``path.N`` (N = 1, 2, ...); return
+    the new name."""
     n = 1
     while path.with_name(f"{path.name}.{n}").exists():
         n += 1
     target = path.with_name(f"{path.name}.{n}")
     os.replace(path, target)
     return target
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a non-empty ``path`` to the first free ``path.N``; return the new name."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    return rename_to_first_free(path)
 
 
 class MLPerfLogger:
